@@ -1,0 +1,1 @@
+"""FusionRank online ranking service."""

@@ -1,0 +1,43 @@
+"""The one exception tree of FusionRank.
+
+Every error the project raises on purpose derives from :class:`FusionRankError`, so callers
+can catch the whole family with one clause and the service can map families to HTTP codes::
+
+    FusionRankError
+    ├── FeatureStoreError            per-item feature store (service.features)
+    │   ├── FeatureStoreUnavailable  backend down or timed out (service answers 503)
+    │   ├── FeatureFormatError       a stored value has a wrong header or length
+    │   └── NoPublishedVersion       nothing has been published yet
+    ├── CatalogueError               offline: malformed catalogue (names file and row)
+    └── ArtifactError                missing or invalid model artifacts
+
+Add new classes here, under the narrowest fitting parent, with a one-line docstring.
+"""
+
+
+class FusionRankError(Exception):
+    """Base class of every error raised on purpose by FusionRank."""
+
+
+class FeatureStoreError(FusionRankError):
+    """Base class of feature store errors."""
+
+
+class FeatureStoreUnavailable(FeatureStoreError):
+    """The feature store backend is down or timed out; the service maps this to 503."""
+
+
+class FeatureFormatError(FeatureStoreError):
+    """A stored feature value has a wrong header or length; the message names the id/key."""
+
+
+class NoPublishedVersion(FeatureStoreError):
+    """No feature version has been published yet."""
+
+
+class CatalogueError(FusionRankError):
+    """Offline: the catalogue is malformed; the message names the file and row."""
+
+
+class ArtifactError(FusionRankError):
+    """Model artifacts are missing or invalid."""
