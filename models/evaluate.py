@@ -1,0 +1,256 @@
+"""Train every fusion strategy and baseline on one catalogue and write the evaluation report.
+
+    python -m models eval --data data/sample --out artifacts
+
+Writes `<out>/eval/report.json`, `report.md` and `item_representations.png`, and one checkpoint
+per learned method under `<out>/checkpoints/` (the exporter takes the default one from there).
+Queries and relevance are derived from product attributes (models.queries): there are no
+logged queries for this catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.baselines import bm25_scores, cosine_scores
+from models.catalogue import Catalogue, load_catalogue
+from models.embeddings import encode_texts, item_embeddings, stripped_title_embeddings
+from models.metrics import evaluate_lists
+from models.queries import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, QueryGenerator, split_products
+from models.ranker import STRATEGIES, FusedRanker, RankerConfig
+from models.train import ListBatchData, TrainConfig, score_lists, train_ranker
+
+PROVENANCE = (
+    "Queries and graded relevance are derived from product attributes (articleType, colour, "
+    "gender, usage) by templates; there are no logged queries for this catalogue."
+)
+VARIANTS = {"text_only": ("text",), "image_only": ("image",)}
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    train_queries: int
+    heldout_queries: int
+    slice_queries: int
+    train_list: int = 32
+    eval_list: int = 100
+    epochs: int = 6
+
+    @classmethod
+    def for_catalogue(cls, size: int) -> EvalPlan:
+        """Scale the query counts with the catalogue, within the time budget of a 2-core box."""
+        if size <= 5000:
+            return cls(train_queries=2000, heldout_queries=300, slice_queries=150, epochs=5)
+        return cls(train_queries=10000, heldout_queries=1000, slice_queries=500)
+
+
+def save_checkpoint(path: Path, model: FusedRanker, metrics: dict, fingerprint: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "config": model.config.to_dict(),
+            "state_dict": model.state_dict(),
+            "metrics": metrics,
+            "catalogue": fingerprint,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path) -> tuple[FusedRanker, dict]:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = FusedRanker(RankerConfig.from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, payload
+
+
+def plot_representations(path: Path, features: np.ndarray, labels: list[str], title: str) -> None:
+    """2-D PCA of item vectors, coloured by the ten most common articleTypes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centred = features - features.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    common = [
+        t
+        for t, _ in sorted(
+            {t: labels.count(t) for t in set(labels)}.items(), key=lambda kv: -kv[1]
+        )[:10]
+    ]
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=90)
+    for t in common:
+        mask = np.array([lbl == t for lbl in labels])
+        ax.scatter(xy[mask, 0], xy[mask, 1], s=4, alpha=0.6, label=t)
+    ax.set_title(title)
+    ax.legend(markerscale=3, fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = True) -> dict:
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    catalogue: Catalogue = load_catalogue(data)
+    cache = out / "cache"
+    embeddings = item_embeddings(catalogue, cache, verbose=verbose)
+    stripped = stripped_title_embeddings(catalogue, embeddings, cache, verbose=verbose)
+    row_of = {pid: i for i, pid in enumerate(embeddings.ids)}
+    plan = plan or EvalPlan.for_catalogue(len(catalogue))
+
+    train_products, test_products = split_products(catalogue.products)
+    train_q = QueryGenerator(train_products, seed=1).generate(
+        plan.train_queries, TRAIN_TEMPLATES, plan.train_list
+    )
+    heldout_q = QueryGenerator(test_products, seed=2).generate(
+        plan.heldout_queries, HELDOUT_TEMPLATES, plan.eval_list
+    )
+    slice_q = QueryGenerator(test_products, seed=3).generate(
+        plan.slice_queries, HELDOUT_TEMPLATES, plan.eval_list, colour_blind_titles=True
+    )
+    texts = [q.text for q in (*train_q, *heldout_q, *slice_q)]
+    query_emb = encode_texts(texts, progress="query embeddings" if verbose else "")
+    n_train, n_held = len(train_q), len(heldout_q)
+    splits = {
+        "heldout": (heldout_q, query_emb[n_train : n_train + n_held]),
+        "colour_slice": (slice_q, query_emb[n_train + n_held :]),
+    }
+    train_data = ListBatchData.build(train_q, query_emb[:n_train], row_of)
+    split_data = {name: ListBatchData.build(qs, emb, row_of) for name, (qs, emb) in splits.items()}
+
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in splits}
+    training: dict[str, dict] = {}
+    models: dict[str, FusedRanker] = {}
+    methods = [(s, RankerConfig(strategy=s)) for s in STRATEGIES]
+    methods += [
+        (name, RankerConfig(strategy="early", modalities=mods)) for name, mods in VARIANTS.items()
+    ]
+    train_config = TrainConfig(epochs=plan.epochs)
+    for name, config in methods:
+        model, losses = train_ranker(
+            config,
+            train_data,
+            embeddings.text,
+            embeddings.image,
+            stripped,
+            train_config,
+            progress=f"train {name}" if verbose else "",
+        )
+        models[name] = model
+        training[name] = {
+            "losses": [round(x, 5) for x in losses],
+            "seconds": round(model.train_seconds, 1),
+        }
+        for split, (qs, _) in splits.items():
+            scores = score_lists(model, split_data[split], embeddings.text, embeddings.image)
+            results[split][name] = evaluate_lists([q.grades for q in qs], scores)
+
+    titles = {p.id: p.title for p in test_products}
+    for split, (qs, emb) in splits.items():
+        results[split]["bm25"] = evaluate_lists([q.grades for q in qs], bm25_scores(qs, titles))
+        results[split]["minilm_zero_shot"] = evaluate_lists(
+            [q.grades for q in qs], cosine_scores(emb, qs, embeddings.text, row_of)
+        )
+
+    default = max(STRATEGIES, key=lambda s: results["heldout"][s]["ndcg@10"])
+    eval_dir = out / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    for name, model in models.items():
+        save_checkpoint(
+            out / "checkpoints" / f"{name}.pt",
+            model,
+            {split: results[split][name] for split in results},
+            catalogue.fingerprint,
+        )
+    with torch.inference_mode():
+        test_rows = np.array([row_of[p.id] for p in test_products])
+        best = models[default]
+        features = best.item_features(
+            torch.from_numpy(embeddings.text[test_rows]),
+            best.reduce_image(torch.from_numpy(embeddings.image[test_rows])),
+        ).numpy()
+    plot_representations(
+        eval_dir / "item_representations.png",
+        features,
+        [p.article_type for p in test_products],
+        f"PCA of {default} item vectors (test products)",
+    )
+
+    report = {
+        "provenance": PROVENANCE,
+        "data": {
+            "catalogue": str(data),
+            "catalogue_fingerprint": catalogue.fingerprint,
+            "products": len(catalogue),
+            "train_products": len(train_products),
+            "test_products": len(test_products),
+            "train_queries": len(train_q),
+            "heldout_queries": len(heldout_q),
+            "colour_slice_queries": len(slice_q),
+            "train_templates": list(TRAIN_TEMPLATES),
+            "heldout_templates": list(HELDOUT_TEMPLATES),
+            "eval_list_size": plan.eval_list,
+        },
+        "default": default,
+        "splits": results,
+        "training": training,
+        "plan": asdict(plan),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    (eval_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (eval_dir / "report.md").write_text(render_markdown(report))
+    (out / "checkpoints" / "default.json").write_text(json.dumps({"strategy": default}))
+    return report
+
+
+METHOD_ORDER = (
+    "early",
+    "representation",
+    "late",
+    "hybrid",
+    "text_only",
+    "image_only",
+    "bm25",
+    "minilm_zero_shot",
+)
+
+
+def render_markdown(report: dict) -> str:
+    d = report["data"]
+    lines = [
+        "# fusionrank evaluation",
+        "",
+        f"> {report['provenance']}",
+        "",
+        f"Catalogue `{d['catalogue']}`: {d['products']} products ({d['train_products']} train / "
+        f"{d['test_products']} test, split by product). Held-out split: {d['heldout_queries']} queries "
+        f"over test products with query templates never trained on; colour slice: "
+        f"{d['colour_slice_queries']} colour queries whose candidates' titles name no colour. "
+        f"{d['eval_list_size']} candidates per query. Default strategy: **{report['default']}**. "
+        f"Wall time: {report['wall_seconds']:.0f} s.",
+        "",
+    ]
+    for split, title in (
+        ("heldout", "Held-out split"),
+        ("colour_slice", "Colour-not-in-title slice"),
+    ):
+        lines += [f"## {title}", "", "| method | NDCG@10 | MAP | MRR |", "|---|---|---|---|"]
+        for method in METHOD_ORDER:
+            m = report["splits"][split][method]
+            mark = " (default)" if method == report["default"] else ""
+            lines.append(
+                f"| {method}{mark} | {m['ndcg@10']:.4f} | {m['map']:.4f} | {m['mrr']:.4f} |"
+            )
+        lines.append("")
+    lines += ["MAP and MRR count grades >= 2 (exact or substitute) as relevant.", ""]
+    return "\n".join(lines)
