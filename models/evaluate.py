@@ -19,10 +19,21 @@ import numpy as np
 import torch
 
 from models.baselines import bm25_scores, cosine_scores
-from models.catalogue import Catalogue, load_catalogue
-from models.embeddings import encode_texts, item_embeddings, stripped_title_embeddings
+from models.catalogue import Catalogue, Product, load_catalogue
+from models.embeddings import (
+    ItemEmbeddings,
+    encode_texts,
+    item_embeddings,
+    stripped_title_embeddings,
+)
 from models.metrics import evaluate_lists
-from models.queries import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, QueryGenerator, split_products
+from models.queries import (
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    Query,
+    QueryGenerator,
+    split_products,
+)
 from models.ranker import STRATEGIES, FusedRanker, RankerConfig
 from models.train import ListBatchData, TrainConfig, score_lists, train_ranker
 
@@ -98,10 +109,33 @@ def plot_representations(path: Path, features: np.ndarray, labels: list[str], ti
     plt.close(fig)
 
 
-def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = True) -> dict:
-    started = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    catalogue: Catalogue = load_catalogue(data)
+@dataclass
+class Workbench:
+    """Everything training and evaluation share: the catalogue, its embeddings, the split and
+    the generated query sets with their candidate lists."""
+
+    catalogue: Catalogue
+    embeddings: ItemEmbeddings
+    stripped_text: np.ndarray
+    row_of: dict[str, int]
+    plan: EvalPlan
+    train_products: list[Product]
+    test_products: list[Product]
+    train_data: ListBatchData
+    splits: dict[str, tuple[list[Query], ListBatchData]]
+
+    @property
+    def query_counts(self) -> dict[str, int]:
+        return {
+            "train_queries": len(self.train_data.rows),
+            **{f"{name}_queries": len(qs) for name, (qs, _) in self.splits.items()},
+        }
+
+
+def prepare(
+    data: Path, out: Path, plan: EvalPlan | None = None, *, verbose: bool = True
+) -> Workbench:
+    catalogue = load_catalogue(data)
     cache = out / "cache"
     embeddings = item_embeddings(catalogue, cache, verbose=verbose)
     stripped = stripped_title_embeddings(catalogue, embeddings, cache, verbose=verbose)
@@ -125,41 +159,70 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
         "heldout": (heldout_q, query_emb[n_train : n_train + n_held]),
         "colour_slice": (slice_q, query_emb[n_train + n_held :]),
     }
-    train_data = ListBatchData.build(train_q, query_emb[:n_train], row_of)
-    split_data = {name: ListBatchData.build(qs, emb, row_of) for name, (qs, emb) in splits.items()}
+    return Workbench(
+        catalogue=catalogue,
+        embeddings=embeddings,
+        stripped_text=stripped,
+        row_of=row_of,
+        plan=plan,
+        train_products=train_products,
+        test_products=test_products,
+        train_data=ListBatchData.build(train_q, query_emb[:n_train], row_of),
+        splits={
+            name: (qs, ListBatchData.build(qs, emb, row_of)) for name, (qs, emb) in splits.items()
+        },
+    )
 
-    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in splits}
+
+def method_config(name: str) -> RankerConfig:
+    if name in VARIANTS:
+        return RankerConfig(strategy="early", modalities=VARIANTS[name])
+    return RankerConfig(strategy=name)
+
+
+def train_method(
+    bench: Workbench, name: str, *, verbose: bool = True
+) -> tuple[FusedRanker, dict, dict]:
+    """Train one method; returns the model, its metrics per split and training facts."""
+    emb = bench.embeddings
+    model, losses = train_ranker(
+        method_config(name),
+        bench.train_data,
+        emb.text,
+        emb.image,
+        bench.stripped_text,
+        TrainConfig(epochs=bench.plan.epochs),
+        progress=f"train {name}" if verbose else "",
+    )
+    metrics = {}
+    for split, (qs, data) in bench.splits.items():
+        scores = score_lists(model, data, emb.text, emb.image)
+        metrics[split] = evaluate_lists([q.grades for q in qs], scores)
+    facts = {"losses": [round(x, 5) for x in losses], "seconds": round(model.train_seconds, 1)}
+    return model, metrics, facts
+
+
+def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = True) -> dict:
+    started = time.perf_counter()
+    bench = prepare(data, out, plan, verbose=verbose)
+    catalogue, embeddings, row_of = bench.catalogue, bench.embeddings, bench.row_of
+    test_products = bench.test_products
+
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in bench.splits}
     training: dict[str, dict] = {}
     models: dict[str, FusedRanker] = {}
-    methods = [(s, RankerConfig(strategy=s)) for s in STRATEGIES]
-    methods += [
-        (name, RankerConfig(strategy="early", modalities=mods)) for name, mods in VARIANTS.items()
-    ]
-    train_config = TrainConfig(epochs=plan.epochs)
-    for name, config in methods:
-        model, losses = train_ranker(
-            config,
-            train_data,
-            embeddings.text,
-            embeddings.image,
-            stripped,
-            train_config,
-            progress=f"train {name}" if verbose else "",
-        )
+    for name in (*STRATEGIES, *VARIANTS):
+        model, metrics, training[name] = train_method(bench, name, verbose=verbose)
         models[name] = model
-        training[name] = {
-            "losses": [round(x, 5) for x in losses],
-            "seconds": round(model.train_seconds, 1),
-        }
-        for split, (qs, _) in splits.items():
-            scores = score_lists(model, split_data[split], embeddings.text, embeddings.image)
-            results[split][name] = evaluate_lists([q.grades for q in qs], scores)
+        for split, values in metrics.items():
+            results[split][name] = values
 
     titles = {p.id: p.title for p in test_products}
-    for split, (qs, emb) in splits.items():
-        results[split]["bm25"] = evaluate_lists([q.grades for q in qs], bm25_scores(qs, titles))
+    for split, (qs, data_) in bench.splits.items():
+        grades = [q.grades for q in qs]
+        results[split]["bm25"] = evaluate_lists(grades, bm25_scores(qs, titles))
         results[split]["minilm_zero_shot"] = evaluate_lists(
-            [q.grades for q in qs], cosine_scores(emb, qs, embeddings.text, row_of)
+            grades, cosine_scores(data_.query_embeddings, qs, embeddings.text, row_of)
         )
 
     default = max(STRATEGIES, key=lambda s: results["heldout"][s]["ndcg@10"])
@@ -192,11 +255,9 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
             "catalogue": str(data),
             "catalogue_fingerprint": catalogue.fingerprint,
             "products": len(catalogue),
-            "train_products": len(train_products),
+            "train_products": len(bench.train_products),
             "test_products": len(test_products),
-            "train_queries": len(train_q),
-            "heldout_queries": len(heldout_q),
-            "colour_slice_queries": len(slice_q),
+            **bench.query_counts,
             "train_templates": list(TRAIN_TEMPLATES),
             "heldout_templates": list(HELDOUT_TEMPLATES),
             "eval_list_size": plan.eval_list,
@@ -204,7 +265,7 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
         "default": default,
         "splits": results,
         "training": training,
-        "plan": asdict(plan),
+        "plan": asdict(bench.plan),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     (eval_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -233,7 +294,8 @@ def render_markdown(report: dict) -> str:
         f"> {report['provenance']}",
         "",
         f"Catalogue `{d['catalogue']}`: {d['products']} products ({d['train_products']} train / "
-        f"{d['test_products']} test, split by product). Held-out split: {d['heldout_queries']} queries "
+        f"{d['test_products']} test, split by product). "
+        f"Held-out split: {d['heldout_queries']} queries "
         f"over test products with query templates never trained on; colour slice: "
         f"{d['colour_slice_queries']} colour queries whose candidates' titles name no colour. "
         f"{d['eval_list_size']} candidates per query. Default strategy: **{report['default']}**. "

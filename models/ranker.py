@@ -152,9 +152,9 @@ class FusedRanker(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """query (Q, 384); features (N, F); query_index (N,) row of `query` for each candidate.
         Returns score, text contribution, image contribution, each (N,)."""
-        items = self._split(features.float())
+        items = self._split(features.to(query.dtype))
         s = self.config.strategy
-        zero = torch.zeros(features.shape[0], dtype=torch.float32, device=features.device)
+        zero = torch.zeros(features.shape[0], dtype=query.dtype, device=features.device)
         contrib = {m: zero for m in MODALITIES}
         total = zero
         pq = self.query_proj(query)[query_index]

@@ -7,9 +7,13 @@ can catch the whole family with one clause and the service can map families to H
     ├── FeatureStoreError            per-item feature store (service.features)
     │   ├── FeatureStoreUnavailable  backend down or timed out (service answers 503)
     │   ├── FeatureFormatError       a stored value has a wrong header or length
-    │   └── NoPublishedVersion       nothing has been published yet
+    │   ├── NoPublishedVersion       nothing has been published yet
+    │   └── FeatureVersionMismatch   the store serves features of another model export
     ├── CatalogueError               offline: malformed catalogue (names file and row)
-    └── ArtifactError                missing or invalid model artifacts
+    ├── ArtifactError                missing or invalid model artifacts
+    │   └── ExportParityError        offline: an exported graph disagrees with PyTorch
+    ├── DeviceUnavailable            settings ask for CUDA but onnxruntime cannot use it
+    └── ServiceNotReady              the service is loading, failed to load, or shutting down
 
 Add new classes here, under the narrowest fitting parent, with a one-line docstring.
 """
@@ -35,9 +39,25 @@ class NoPublishedVersion(FeatureStoreError):
     """No feature version has been published yet."""
 
 
+class FeatureVersionMismatch(FeatureStoreError):
+    """The store's current features are not the ones the loaded model was exported with."""
+
+
 class CatalogueError(FusionRankError):
     """Offline: the catalogue is malformed; the message names the file and row."""
 
 
 class ArtifactError(FusionRankError):
     """Model artifacts are missing or invalid."""
+
+
+class ExportParityError(ArtifactError):
+    """An exported ONNX graph's outputs differ from PyTorch's beyond the stated tolerance."""
+
+
+class DeviceUnavailable(FusionRankError):
+    """The settings ask for an execution device (CUDA) that onnxruntime cannot use here."""
+
+
+class ServiceNotReady(FusionRankError):
+    """The service cannot score yet (loading, failed to load, or shutting down): 503."""

@@ -1,0 +1,56 @@
+# fusionrank — every command takes the catalogue directory as DATA (default: the bundled sample).
+#   make demo                      build the model on the bundled sample and print the evaluation
+#   make test                      create .venv, install, run the whole test suite
+#   make eval DATA=../shared/data/fashion
+#   make artifacts DATA=... [REDIS_URL=redis://127.0.0.1:6379/0]
+#   make serve [HOST=127.0.0.1 PORT=8000 REDIS_URL=...]
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data/sample
+ARTIFACTS ?= artifacts
+HOST ?= 127.0.0.1
+PORT ?= 8000
+REDIS_URL ?=
+PYTEST_ARGS ?=
+
+export FUSIONRANK_ARTIFACTS_DIR ?= $(ARTIFACTS)
+export FUSIONRANK_HOST ?= $(HOST)
+export FUSIONRANK_PORT ?= $(PORT)
+ifneq ($(strip $(REDIS_URL)),)
+export FUSIONRANK_REDIS_URL := $(REDIS_URL)
+endif
+
+.PHONY: help install demo test eval artifacts serve lint clean
+
+help:
+	@sed -n '1,7p' Makefile
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the project's dependencies change.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[offline,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m models eval --data $(DATA) --out $(ARTIFACTS)
+
+eval: install
+	$(BIN)/python -m models eval --data $(DATA) --out $(ARTIFACTS)
+
+test: install
+	@bash .ci/ensure-redis
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check models export service loadtest tests
+	$(BIN)/ruff format --check models export service loadtest tests
+
+clean:
+	rm -rf $(ARTIFACTS) .cache .pytest_cache

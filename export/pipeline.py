@@ -1,0 +1,260 @@
+"""train -> export -> publish, idempotently.
+
+1. The checkpoint of the chosen strategy (default: the one the evaluation chose) is taken from
+   `<out>/checkpoints/`; when it is missing or was trained on another catalogue, that one
+   strategy is trained now.
+2. The model version is a hash of the checkpoint's weights, the catalogue and this exporter's
+   format, so two exports of the same weights agree. A version directory that already has a
+   manifest is reused as is; otherwise every graph is exported into a temporary directory,
+   checked for parity, and renamed into place only when complete.
+3. Item features (float16) are computed for the whole catalogue and published to the feature
+   store (Redis when a URL is given, else the embedded store in `<out>/features`). The store's
+   version is a hash of the features, and publishing an unchanged version is a no-op.
+4. `<out>/models/CURRENT` names the version to serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.graphs import OPSET, export_all, graph_defs
+from export.index import build_index
+from models.catalogue import Catalogue
+from models.embeddings import ItemEmbeddings, encode_texts, item_embeddings
+from models.encoders import (
+    MAX_TEXT_TOKENS,
+    ImageEncoder,
+    TextEncoder,
+    image_to_pixels,
+    load_tokenizer,
+    text_model_path,
+    tokenize,
+)
+from models.evaluate import load_checkpoint, prepare, save_checkpoint, train_method
+from models.queries import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, QueryGenerator
+from models.ranker import FusedRanker
+from service.features import FeatureLayout, FeatureStore, open_feature_store
+from service.manifest import CURRENT_FILE, Manifest, write_manifest
+
+EXPORT_FORMAT = 1
+
+
+@dataclass
+class ExportReport:
+    version: str
+    version_dir: Path
+    reused: bool
+    features_version: str
+    published_items: int
+    publish_seconds: float
+    manifest: Manifest
+
+
+def _checkpoint(out: Path, data: Path, strategy: str | None, log) -> tuple[Path, FusedRanker, dict]:
+    checkpoints = out / "checkpoints"
+    if strategy is None:
+        default = checkpoints / "default.json"
+        strategy = json.loads(default.read_text())["strategy"] if default.is_file() else "hybrid"
+    path = checkpoints / f"{strategy}.pt"
+    bench = None
+    if path.is_file():
+        model, payload = load_checkpoint(path)
+        from models.catalogue import load_catalogue
+
+        if payload["catalogue"] == load_catalogue(data).fingerprint:
+            return path, model, payload
+        log(f"checkpoint {path} was trained on another catalogue: retraining {strategy}")
+    else:
+        log(f"no checkpoint {path}: training {strategy} now")
+    bench = prepare(data, out, verbose=True)
+    model, metrics, _ = train_method(bench, strategy)
+    save_checkpoint(path, model, metrics, bench.catalogue.fingerprint)
+    model, payload = load_checkpoint(path)
+    return path, model, payload
+
+
+def model_version(model: FusedRanker, catalogue: Catalogue) -> str:
+    digest = hashlib.sha256(f"{EXPORT_FORMAT}|{catalogue.fingerprint}|".encode())
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return f"{model.config.strategy}-{digest.hexdigest()[:12]}"
+
+
+@torch.no_grad()
+def item_features(model: FusedRanker, embeddings: ItemEmbeddings) -> np.ndarray:
+    """Stored features for every item, float16, in embeddings.ids order."""
+    out = []
+    for start in range(0, len(embeddings.ids), 4096):
+        text = torch.from_numpy(embeddings.text[start : start + 4096])
+        image = model.reduce_image(torch.from_numpy(embeddings.image[start : start + 4096]))
+        out.append(model.item_features(text, image).numpy())
+    return np.concatenate(out).astype(np.float16)
+
+
+def features_version(ids: list[str], features: np.ndarray) -> str:
+    digest = hashlib.sha256("\n".join(ids).encode())
+    digest.update(features.tobytes())
+    return f"f-{digest.hexdigest()[:16]}"
+
+
+def _probe_queries(catalogue: Catalogue, count: int = 300) -> list[str]:
+    """Real-looking queries over the whole catalogue (for index recall and parity checks)."""
+    generated = QueryGenerator(catalogue.products, seed=11).generate(
+        count, TRAIN_TEMPLATES + HELDOUT_TEMPLATES, 2
+    )
+    return [q.text for q in generated]
+
+
+def _export_version(
+    model: FusedRanker,
+    checkpoint: Path,
+    payload: dict,
+    catalogue: Catalogue,
+    embeddings: ItemEmbeddings,
+    features: np.ndarray,
+    feature_version: str,
+    version: str,
+    target: Path,
+    index_factory: str,
+    log,
+) -> Manifest:
+    tmp = target.parent / f".tmp-{version}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    text_encoder, image_encoder = TextEncoder(), ImageEncoder()
+    tokenizer = load_tokenizer()
+    queries = _probe_queries(catalogue)
+    rows = np.linspace(0, len(catalogue) - 1, 300).astype(int)
+    row_ids = [embeddings.ids[i] for i in rows]
+    with torch.no_grad():
+        query_emb = encode_texts(queries[:50], text_encoder)
+
+    def inputs_for(name: str) -> tuple[dict, dict]:
+        if name == "query_encoder":
+            ids, mask = tokenize(tokenizer, queries[:2])
+            cids, cmask = tokenize(tokenizer, queries[2:9])
+            return {"input_ids": ids, "attention_mask": mask}, {
+                "input_ids": cids,
+                "attention_mask": cmask,
+            }
+        if name in ("ranker", "ranker_fp16"):
+            trace = {
+                "query_embedding": query_emb[:2],
+                "item_features": features[rows[:7]],
+                "query_index": np.array([0, 1, 0, 1, 0, 1, 1], dtype=np.int64),
+            }
+            check = {
+                "query_embedding": query_emb[:3],
+                "item_features": features[rows],
+                "query_index": np.arange(len(rows), dtype=np.int64) % 3,
+            }
+            return trace, check
+        if name == "image_encoder":
+            pixels = np.stack([image_to_pixels(catalogue.load_image(i)) for i in row_ids[:10]])
+            return {"pixels": pixels[:2]}, {"pixels": pixels[2:]}
+        if name == "item_encoder":
+            text, image = embeddings.text[rows], embeddings.image[rows]
+            return (
+                {"text_embedding": text[:2], "image_embedding": image[:2]},
+                {"text_embedding": text, "image_embedding": image},
+            )
+        raise KeyError(name)
+
+    log(f"exporting {version} to ONNX (opset {OPSET}) with parity checks:")
+    graphs = export_all(graph_defs(model, text_encoder, image_encoder), inputs_for, tmp, log=log)
+    shutil.copy(Path(text_model_path()) / "tokenizer.json", tmp / "tokenizer.json")
+
+    with torch.no_grad():
+        retrieval = model.retrieval_vector(
+            torch.from_numpy(encode_texts(queries, text_encoder))
+        ).numpy()
+    built = build_index(embeddings.ids, features.astype(np.float32), retrieval, tmp, index_factory)
+    log(
+        f"  index {built.spec.factory}: {built.spec.items} items, recall@100 vs exact "
+        f"{built.spec.recall_at_100:.4f}, built in {built.spec.build_seconds:.2f}s"
+    )
+    layout = FeatureLayout(model.config.text_dims, model.config.image_dims, "float16")
+    manifest = Manifest(
+        version=version,
+        strategy=model.config.strategy,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        opset=OPSET,
+        source_checkpoint_sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+        catalogue_fingerprint=catalogue.fingerprint,
+        feature_layout=layout.to_dict(),
+        features_version=feature_version,
+        tokenizer_file="tokenizer.json",
+        max_tokens=MAX_TEXT_TOKENS,
+        graphs=graphs,
+        index=built.spec,
+        metrics=payload.get("metrics", {}),
+    )
+    write_manifest(tmp, manifest)
+    tmp.rename(target)
+    return manifest
+
+
+def run(
+    data: Path,
+    out: Path,
+    *,
+    strategy: str | None = None,
+    redis_url: str | None = None,
+    redis_prefix: str = "fusionrank",
+    index_factory: str = "auto",
+    store: FeatureStore | None = None,
+    log=print,
+) -> ExportReport:
+    from models.catalogue import load_catalogue
+    from service.manifest import load_manifest
+
+    catalogue = load_catalogue(data)
+    embeddings = item_embeddings(catalogue, out / "cache")
+    checkpoint, model, payload = _checkpoint(out, data, strategy, log)
+    version = model_version(model, catalogue)
+    features = item_features(model, embeddings)
+    feature_version = features_version(embeddings.ids, features)
+    target = out / "models" / version
+    reused = (target / "manifest.json").is_file()
+    if reused:
+        manifest = load_manifest(target)
+        log(f"model {version} already exported: reusing {target}")
+    else:
+        manifest = _export_version(
+            model,
+            checkpoint,
+            payload,
+            catalogue,
+            embeddings,
+            features,
+            feature_version,
+            version,
+            target,
+            index_factory,
+            log,
+        )
+
+    store = store or open_feature_store(redis_url, out / "features", prefix=redis_prefix)
+    report = store.publish(embeddings.ids, features, manifest.layout, feature_version)
+    if report.items:
+        rate = report.items / max(report.seconds, 1e-9)
+        log(
+            f"published {report.items} items ({manifest.layout.value_bytes} B each) as "
+            f"{feature_version} in {report.seconds:.1f}s ({rate:.0f} items/s)"
+        )
+    else:
+        log(f"features {feature_version} already published: nothing to do")
+    (out / "models" / CURRENT_FILE).write_text(version + "\n")
+    return ExportReport(
+        version, target, reused, feature_version, report.items, report.seconds, manifest
+    )
