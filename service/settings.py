@@ -1,0 +1,102 @@
+"""The service's one settings class: every value comes from a ``FUSIONRANK_*`` environment
+variable (or the defaults below) and is validated at start-up, before anything is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.schemas import RequestLimits
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FUSIONRANK_", extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
+
+    # -- artifacts and feature store -------------------------------------------------------
+    artifacts_dir: Path = Path("artifacts")
+    """Holds models/<version>/ and models/CURRENT, and features/ (the embedded store)."""
+    model_version: str | None = None
+    """The model version to serve; unset: the one named in models/CURRENT."""
+    redis_url: str | None = None
+    """The Redis feature store; unset: the embedded store in artifacts_dir/features."""
+    redis_prefix: str = Field("fusionrank", min_length=1)
+    feature_timeout_s: float = Field(1.0, gt=0, le=60)
+    """Socket timeout of one feature store round trip."""
+
+    # -- HTTP server -----------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    access_log: bool = False
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # -- inference -------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail unless CUDA works."""
+    intra_op_threads: int = Field(1, ge=1, le=256)
+    """onnxruntime (and FAISS) threads per operator, per worker process."""
+    batch_max_size: int = Field(2048, ge=1, le=65536)
+    """Most candidate rows scored in one onnxruntime run (the largest shape bucket)."""
+    batch_max_wait_us: int = Field(500, ge=0, le=1_000_000)
+    """Longest a request's candidates wait for others to share their run. Event loop timers
+    are millisecond-grained (uvloop rounds), so values under 1 ms mean "next loop turn"."""
+    batch_min_bucket: int = Field(16, ge=1, le=65536)
+    """Smallest padded batch shape; shapes are powers of two up to batch_max_size."""
+    query_cache_size: int = Field(4096, ge=0, le=10_000_000)
+    """Recent queries whose embeddings are kept; 0 turns the cache off."""
+
+    # -- request limits --------------------------------------------------------------------
+    max_query_chars: int = Field(256, ge=1, le=100_000)
+    max_candidates: int = Field(2000, ge=1, le=65536)
+    max_top_k: int = Field(1000, ge=1, le=65536)
+    max_retrieve_k: int = Field(2000, ge=1, le=65536)
+    default_top_k: int = Field(10, ge=1)
+    default_retrieve_k: int = Field(200, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Larger request bodies are refused with 413 before they are read whole."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(f"default_top_k {self.default_top_k} > max_top_k {self.max_top_k}")
+        if self.default_retrieve_k > self.max_retrieve_k:
+            raise ValueError(
+                f"default_retrieve_k {self.default_retrieve_k} > max_retrieve_k "
+                f"{self.max_retrieve_k}"
+            )
+        largest = max(self.max_candidates, self.max_retrieve_k)
+        if self.batch_max_size < largest:
+            # One request's candidates always fit one run, so the batcher never splits a request.
+            raise ValueError(
+                f"batch_max_size {self.batch_max_size} must be >= the most candidates of one "
+                f"request ({largest}: max_candidates, max_retrieve_k)"
+            )
+        if self.batch_min_bucket > self.batch_max_size:
+            raise ValueError(
+                f"batch_min_bucket {self.batch_min_bucket} > batch_max_size {self.batch_max_size}"
+            )
+        return self
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_query_chars=self.max_query_chars,
+            max_candidates=self.max_candidates,
+            max_top_k=self.max_top_k,
+            max_retrieve_k=self.max_retrieve_k,
+            default_top_k=self.default_top_k,
+            default_retrieve_k=self.default_retrieve_k,
+        )
+
+    @property
+    def models_dir(self) -> Path:
+        return self.artifacts_dir / "models"
+
+    @property
+    def embedded_features_dir(self) -> Path:
+        return self.artifacts_dir / "features"
