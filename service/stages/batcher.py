@@ -1,0 +1,236 @@
+"""The dynamic batcher: the candidates of concurrent requests share one scoring run.
+
+in:  per request, query_embedding float32 [384] and item_features float16 [n, F]
+out: per request, Scores(score, text_contribution, image_contribution), each float32 [n]
+
+Requests queue on the event loop. A batch opens with the oldest request and takes the next
+ones in arrival order until its rows reach ``max_batch`` (release reason "full") or
+``max_wait_us`` has passed since the oldest request arrived ("timeout"). One inference thread
+packs the batch into per-bucket buffers allocated once (``query_embedding`` [Q, 384],
+``item_features`` [N, F], ``query_index`` [N], N padded with zero rows to the smallest bucket
+that holds the rows), runs it and splits the outputs back. While a batch runs, the next one
+gathers, so under load batches form without waiting on the timer.
+
+Event loop timers are millisecond-grained (uvloop rounds to whole ms), so a wait under 1 ms
+means "what has arrived by the next loop turn".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.errors import ServiceNotReady
+from service.stages.scoring import Scores
+
+FULL = "full"
+TIMEOUT = "timeout"
+RELEASE_REASONS = (FULL, TIMEOUT)
+
+ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], Sequence[np.ndarray]]
+"""(query_embedding [Q, D], item_features [N, F], query_index [N]) -> 3 arrays [N]."""
+
+log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    def batch_released(
+        self, *, rows: int, requests: int, reason: str, queue_waits: Sequence[float]
+    ) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    query: np.ndarray
+    features: np.ndarray
+    future: asyncio.Future[Scores]
+    enqueued: float
+
+    @property
+    def rows(self) -> int:
+        return len(self.features)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: ScoreFn,
+        *,
+        buckets: Sequence[int],
+        query_dims: int,
+        feature_dims: int,
+        query_dtype: np.dtype | type = np.float32,
+        max_wait_us: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._run = run
+        self._buckets = sorted(buckets)
+        self.max_batch = self._buckets[-1]
+        self._max_wait = max_wait_us / 1e6
+        self._observer = observer
+        self._jobs: deque[_Job] = deque()
+        self._arrived = asyncio.Event()
+        self._running: list[_Job] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fusionrank-infer")
+        # Touched only by the inference thread (one batch at a time), so reused without copies.
+        self._queries = np.zeros((self.max_batch, query_dims), dtype=query_dtype)
+        self._features = {b: np.zeros((b, feature_dims), np.float16) for b in self._buckets}
+        self._query_index = {b: np.zeros(b, np.int64) for b in self._buckets}
+        self.warmed: tuple[int, ...] = ()
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(self._buckets)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def warm_up(self) -> None:
+        """Run every bucket once on the inference thread (zero inputs)."""
+        loop = asyncio.get_running_loop()
+        for size in self._buckets:
+            await loop.run_in_executor(
+                self._executor,
+                self._run,
+                self._queries[:1],
+                self._features[size],
+                self._query_index[size],
+            )
+        self.warmed = tuple(self._buckets)
+
+    async def score(self, query: np.ndarray, features: np.ndarray) -> Scores:
+        """Scores of ``features`` [n, F] rows for ``query`` [D], from a shared run."""
+        rows = len(features)
+        if rows == 0:
+            empty = np.zeros(0, np.float32)
+            return Scores(empty, empty, empty)
+        if rows > self.max_batch:
+            raise ValueError(f"{rows} candidates exceed the largest batch ({self.max_batch})")
+        if self._closed:
+            raise ServiceNotReady("shutting down")
+        self.start()
+        future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
+        self._jobs.append(_Job(query, features, future, time.perf_counter()))
+        self._arrived.set()
+        return await future
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        _fail([*self._running, *self._jobs], ServiceNotReady("shutting down"))
+        self._jobs.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- the loop (event loop side) ----------------------------------------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._jobs:
+                self._arrived.clear()
+                await self._arrived.wait()
+            # Jobs taken off the queue stay reachable from close() until they are answered.
+            self._running = batch = []
+            reason = await self._collect(batch)
+            try:
+                results, started = await loop.run_in_executor(
+                    self._executor, self._run_batch, batch
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _fail(batch, exc)
+                continue
+            finally:
+                self._running = []
+            for job, result in zip(batch, results, strict=True):
+                if not job.future.done():  # a request that went away has a cancelled future
+                    job.future.set_result(result)
+            if self._observer is not None:
+                self._observe(batch, reason, started)
+
+    async def _collect(self, batch: list[_Job]) -> str:
+        """Fill ``batch`` in arrival order, up to max_batch rows or max_wait after the first;
+        return the release reason."""
+        jobs = self._jobs
+        first = jobs.popleft()
+        batch.append(first)
+        rows = first.rows
+        deadline = first.enqueued + self._max_wait
+        while True:
+            if jobs:
+                if rows + jobs[0].rows > self.max_batch:
+                    return FULL
+                job = jobs.popleft()
+                batch.append(job)
+                rows += job.rows
+                if rows == self.max_batch:
+                    return FULL
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return TIMEOUT
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return TIMEOUT
+
+    def _observe(self, batch: list[_Job], reason: str, started: float) -> None:
+        try:
+            self._observer.batch_released(  # type: ignore[union-attr]
+                rows=sum(job.rows for job in batch),
+                requests=len(batch),
+                reason=reason,
+                queue_waits=[started - job.enqueued for job in batch],
+            )
+        except Exception:  # metrics must never stop the batcher
+            log.exception("batch observer failed")
+
+    # -- the inference thread ----------------------------------------------------------------
+
+    def _run_batch(self, batch: list[_Job]) -> tuple[list[Scores], float]:
+        started = time.perf_counter()
+        rows = sum(job.rows for job in batch)
+        size = self._buckets[bisect.bisect_left(self._buckets, rows)]
+        queries = self._queries[: len(batch)]
+        features, query_index = self._features[size], self._query_index[size]
+        offset = 0
+        for row, job in enumerate(batch):
+            end = offset + job.rows
+            queries[row] = job.query
+            features[offset:end] = job.features
+            query_index[offset:end] = row
+            offset = end
+        features[offset:] = 0
+        query_index[offset:] = 0
+        outputs = self._run(queries, features, query_index)
+        results, offset = [], 0
+        for job in batch:
+            end = offset + job.rows
+            results.append(Scores(*(out[offset:end] for out in outputs)))
+            offset = end
+        return results, started
+
+
+def _fail(jobs: Sequence[_Job], exc: BaseException) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)
