@@ -1,0 +1,223 @@
+"""The request path, composed from the stages of one loaded model version.
+
+    query -> encode (LRU cache) -> candidates (given, or FAISS top retrieve_k)
+          -> one feature store round trip -> batched scoring -> top_k
+
+Blocking work runs off the event loop: the query encoder, FAISS and the feature store on
+worker threads (``asyncio.to_thread``), scoring on the batcher's inference thread. With given
+candidates and a cache miss, encoding and fetching overlap on two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import ArtifactError
+from service.features import FeatureBatch, FeatureStore
+from service.manifest import Manifest, load_manifest, resolve_version_dir
+from service.metrics import ServiceMetrics
+from service.schemas import RankRequest, render_ranking
+from service.settings import Settings
+from service.stages.batcher import Batcher
+from service.stages.feature_fetch import FeatureFetcher
+from service.stages.query_encoder import EncodedQuery, QueryEncoder
+from service.stages.retrieval import Retriever
+from service.stages.scoring import QUERY_DIMS, Scorer
+
+log = logging.getLogger(__name__)
+
+WARM_UP_QUERY = "warm up"
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """What loading a model version produces (all blocking loads, done on a thread)."""
+
+    manifest: Manifest
+    encoder: QueryEncoder
+    retriever: Retriever
+    scorer: Scorer
+
+
+class Pipeline:
+    def __init__(
+        self,
+        manifest: Manifest,
+        encoder: QueryEncoder,
+        retriever: Retriever,
+        fetcher: FeatureFetcher,
+        scorer: Scorer,
+        batcher: Batcher,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.manifest = manifest
+        self.encoder = encoder
+        self.retriever = retriever
+        self.fetcher = fetcher
+        self.scorer = scorer
+        self.batcher = batcher
+        self._metrics = metrics
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def provider(self) -> str:
+        return self.scorer.provider
+
+    @classmethod
+    async def load(
+        cls, settings: Settings, store: FeatureStore, metrics: ServiceMetrics
+    ) -> Pipeline:
+        """Load the model version named by settings, then warm every batch shape."""
+        stages = await asyncio.to_thread(_load_stages, settings)
+        scorer = stages.scorer
+        batcher = Batcher(
+            scorer.run,
+            buckets=scorer.buckets,
+            query_dims=QUERY_DIMS,
+            feature_dims=scorer.feature_dims,
+            query_dtype=scorer.query_dtype,
+            max_wait_us=settings.batch_max_wait_us,
+            observer=metrics,
+        )
+        manifest = stages.manifest
+        fetcher = FeatureFetcher(store, manifest.layout, manifest.features_version)
+        pipeline = cls(
+            manifest, stages.encoder, stages.retriever, fetcher, scorer, batcher, metrics
+        )
+        try:
+            await pipeline._warm_up()
+        except BaseException:
+            await batcher.close()
+            raise
+        return pipeline
+
+    async def _warm_up(self) -> None:
+        started = time.perf_counter()
+        self.batcher.start()
+        await self.batcher.warm_up()
+        encoded = await asyncio.to_thread(self.encoder.encode, WARM_UP_QUERY)
+        if encoded.retrieval_vector.shape != (self.retriever.dims,):
+            raise ArtifactError(
+                f"query_encoder gives a retrieval_vector of {encoded.retrieval_vector.shape[0]} "
+                f"dims, the index has {self.retriever.dims}"
+            )
+        await asyncio.to_thread(self.retriever.search, encoded.retrieval_vector, 1)
+        log.info(
+            "model %s warmed on %s in %.2f s (buckets %s)",
+            self.version,
+            self.provider,
+            time.perf_counter() - started,
+            self.batcher.warmed,
+        )
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    # -- the request path ------------------------------------------------------------------
+
+    async def rank(self, request: RankRequest) -> bytes:
+        """The JSON body answering ``request``."""
+        if request.candidate_ids == []:
+            return render_ranking([], [], self.version, [])
+        metrics = self._metrics
+        started = time.perf_counter()
+        encoded = self.encoder.lookup(request.query)
+        if encoded is None:
+            metrics.cache_misses.inc()
+        else:
+            metrics.cache_hits.inc()
+            metrics.observe_stage("encode", time.perf_counter() - started)
+
+        if request.candidate_ids is not None:
+            ids = request.candidate_ids
+            if encoded is None:
+                encoded, batch = await asyncio.gather(
+                    asyncio.to_thread(self._encode, request.query),
+                    asyncio.to_thread(self._fetch, ids),
+                )
+            else:
+                batch = await asyncio.to_thread(self._fetch, ids)
+        else:
+            encoded, ids, batch = await asyncio.to_thread(
+                self._retrieve_and_fetch, request.query, encoded, request.retrieve_k
+            )
+
+        if batch.missing:
+            metrics.missing_ids.inc(len(batch.missing))
+        with metrics.stage("score"):
+            scores = await self.batcher.score(encoded.embedding, batch.matrix)
+
+        order = _top_k(scores.score, request.top_k)
+        positions = batch.found[order].tolist()
+        contributions = None
+        if request.explain:
+            contributions = (
+                scores.text_contribution[order].tolist(),
+                scores.image_contribution[order].tolist(),
+            )
+        return render_ranking(
+            [ids[p] for p in positions],
+            scores.score[order].tolist(),
+            self.version,
+            batch.missing,
+            contributions,
+        )
+
+    # Blocking stage calls, each timed; they run on worker threads.
+
+    def _encode(self, query: str) -> EncodedQuery:
+        with self._metrics.stage("encode"):
+            return self.encoder.encode(query)
+
+    def _fetch(self, ids: list[str]) -> FeatureBatch:
+        with self._metrics.stage("fetch"):
+            return self.fetcher.fetch(ids)
+
+    def _retrieve_and_fetch(
+        self, query: str, encoded: EncodedQuery | None, k: int
+    ) -> tuple[EncodedQuery, list[str], FeatureBatch]:
+        if encoded is None:
+            encoded = self._encode(query)
+        with self._metrics.stage("retrieve"):
+            ids = self.retriever.search(encoded.retrieval_vector, k)
+        return encoded, ids, self._fetch(ids)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores, best first (ties keep candidate order)."""
+    if k < len(scores):
+        best = np.argpartition(-scores, k - 1)[:k]
+        best.sort()  # candidate order, so the stable sort below breaks ties by position
+        return best[np.argsort(-scores[best], kind="stable")]
+    return np.argsort(-scores, kind="stable")
+
+
+def _load_stages(settings: Settings) -> _Stages:
+    version_dir = resolve_version_dir(settings.models_dir, settings.model_version)
+    manifest = load_manifest(version_dir)
+    common = {"device": settings.device, "threads": settings.intra_op_threads}
+    encoder = QueryEncoder.load(
+        version_dir, manifest, cache_size=settings.query_cache_size, **common
+    )
+    retriever = Retriever.load(version_dir, manifest, threads=settings.intra_op_threads)
+    scorer = Scorer.load(
+        version_dir,
+        manifest,
+        max_batch=settings.batch_max_size,
+        min_bucket=settings.batch_min_bucket,
+        **common,
+    )
+    if retriever.dims != manifest.layout.dims:
+        raise ArtifactError(
+            f"{version_dir}: the index has {retriever.dims} dims, the feature layout "
+            f"{manifest.layout.dims}"
+        )
+    return _Stages(manifest, encoder, retriever, scorer)
