@@ -110,3 +110,9 @@ def store(open_store: Callable[[], FeatureStore]) -> FeatureStore:
 def closed_port() -> int:
     """A local port that nothing listens on."""
     return _free_port()
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio, the service's event loop."""
+    return "asyncio"
