@@ -11,6 +11,10 @@ packs the batch into per-bucket buffers allocated once (``query_embedding`` [Q, 
 that holds the rows), runs it and splits the outputs back. While a batch runs, the next one
 gathers, so under load batches form without waiting on the timer.
 
+Query rows are padded with zeros to a multiple of QUERY_ROW_MULTIPLE: onnxruntime's CPU GEMM
+rounds a lone remainder row differently (measured: Q=1, or the last row of an odd Q, differs by
+one float32 ulp), and with the padding a request scores exactly the same alone or batched.
+
 Event loop timers are millisecond-grained (uvloop rounds to whole ms), so a wait under 1 ms
 means "what has arrived by the next loop turn".
 """
@@ -36,6 +40,7 @@ from service.stages.scoring import Scores
 FULL = "full"
 TIMEOUT = "timeout"
 RELEASE_REASONS = (FULL, TIMEOUT)
+QUERY_ROW_MULTIPLE = 4
 
 ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], Sequence[np.ndarray]]
 """(query_embedding [Q, D], item_features [N, F], query_index [N]) -> 3 arrays [N]."""
@@ -85,7 +90,8 @@ class Batcher:
         self._closed = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fusionrank-infer")
         # Touched only by the inference thread (one batch at a time), so reused without copies.
-        self._queries = np.zeros((self.max_batch, query_dims), dtype=query_dtype)
+        query_rows = _round_up(self.max_batch, QUERY_ROW_MULTIPLE)
+        self._queries = np.zeros((query_rows, query_dims), dtype=query_dtype)
         self._features = {b: np.zeros((b, feature_dims), np.float16) for b in self._buckets}
         self._query_index = {b: np.zeros(b, np.int64) for b in self._buckets}
         self.warmed: tuple[int, ...] = ()
@@ -105,7 +111,7 @@ class Batcher:
             await loop.run_in_executor(
                 self._executor,
                 self._run,
-                self._queries[:1],
+                self._queries[:QUERY_ROW_MULTIPLE],
                 self._features[size],
                 self._query_index[size],
             )
@@ -210,7 +216,7 @@ class Batcher:
         started = time.perf_counter()
         rows = sum(job.rows for job in batch)
         size = self._buckets[bisect.bisect_left(self._buckets, rows)]
-        queries = self._queries[: len(batch)]
+        queries = self._queries[: _round_up(len(batch), QUERY_ROW_MULTIPLE)]
         features, query_index = self._features[size], self._query_index[size]
         offset = 0
         for row, job in enumerate(batch):
@@ -219,6 +225,7 @@ class Batcher:
             features[offset:end] = job.features
             query_index[offset:end] = row
             offset = end
+        queries[len(batch) :] = 0
         features[offset:] = 0
         query_index[offset:] = 0
         outputs = self._run(queries, features, query_index)
@@ -234,3 +241,7 @@ def _fail(jobs: Sequence[_Job], exc: BaseException) -> None:
     for job in jobs:
         if not job.future.done():
             job.future.set_exception(exc)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

@@ -101,6 +101,25 @@ async def test_concurrent_requests_share_one_run_and_get_their_own_rows() -> Non
         np.testing.assert_array_equal(result.image_contribution, features[:, -1])
 
 
+async def test_query_rows_are_padded_to_a_multiple_of_four_with_zeros() -> None:
+    seen: list[np.ndarray] = []
+
+    def run(query: np.ndarray, features: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, ...]:
+        seen.append(query.copy())
+        return FakeScorer()(query, features, index)
+
+    batcher = make_batcher(run)  # type: ignore[arg-type]
+    requests = [request(seed, 2) for seed in range(5)]
+    try:
+        await batcher.score(*requests[0])
+        await asyncio.gather(*(batcher.score(q, f) for q, f in requests))
+    finally:
+        await batcher.close()
+    assert [len(q) for q in seen] == [4, 8]
+    np.testing.assert_array_equal(seen[0][0], requests[0][0])
+    assert not seen[0][1:].any() and not seen[1][5:].any()
+
+
 async def test_padding_rows_do_not_change_scores() -> None:
     query, features = request(1, 5)
     batcher = make_batcher(FakeScorer())
@@ -124,7 +143,7 @@ async def test_batch_released_full_at_max_rows_and_rest_follow() -> None:
     # 6 + 6 fit in 16, the third would not: a full batch of 2, then the third alone.
     assert [b["requests"] for b in observer.batches] == [2, 1]
     assert [b["reason"] for b in observer.batches] == [FULL, TIMEOUT]
-    assert scorer.runs == [(2, 16), (1, 8)]
+    assert scorer.runs == [(4, 16), (4, 8)]  # query rows padded to a multiple of 4
     assert [len(r.score) for r in results] == [6, 6, 6]
 
 
