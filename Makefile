@@ -44,6 +44,10 @@ demo: install
 eval: install
 	$(BIN)/python -m models eval --data $(DATA) --out $(ARTIFACTS)
 
+# train (when no checkpoint fits the catalogue) -> ONNX export -> publish features; idempotent.
+artifacts: install
+	$(BIN)/python -m export --data $(DATA) --out $(ARTIFACTS) $(if $(strip $(REDIS_URL)),--redis-url $(REDIS_URL),)
+
 test: install
 	@bash .ci/ensure-redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -184,7 +184,8 @@ def export_all(
         export_graph(graph, trace_inputs, path)
         diff = parity(graph, path, check_inputs)
         log(
-            f"  {graph.name:14s} parity max|onnx - torch| = {diff:.2e} (limit {graph.tolerance:.0e})"
+            f"  {graph.name:14s} parity max|onnx - torch| = {diff:.2e} "
+            f"(limit {graph.tolerance:.0e})"
         )
         if not diff <= graph.tolerance:
             raise ExportParityError(

@@ -115,6 +115,51 @@ def _probe_queries(catalogue: Catalogue, count: int = 300) -> list[str]:
     return [q.text for q in generated]
 
 
+class ParityInputs:
+    """Real catalogue inputs for each graph: a small batch to trace the export with and a
+    larger one, of other sizes, to check parity on (which also exercises the dynamic axes)."""
+
+    def __init__(self, catalogue, embeddings, features, queries, text_encoder):
+        self.catalogue, self.embeddings, self.features = catalogue, embeddings, features
+        self.queries = queries
+        self.tokenizer = load_tokenizer()
+        self.rows = np.linspace(0, len(embeddings.ids) - 1, 300).astype(int)
+        self.query_emb = encode_texts(queries[:8], text_encoder)
+
+    def for_graph(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        rows = self.rows
+        if name == "query_encoder":
+            ids, mask = tokenize(self.tokenizer, self.queries[:2])
+            check_ids, check_mask = tokenize(self.tokenizer, self.queries[2:9])
+            return (
+                {"input_ids": ids, "attention_mask": mask},
+                {"input_ids": check_ids, "attention_mask": check_mask},
+            )
+        if name in ("ranker", "ranker_fp16"):
+            trace = {
+                "query_embedding": self.query_emb[:2],
+                "item_features": self.features[rows[:7]],
+                "query_index": np.array([0, 1, 0, 1, 0, 1, 1], dtype=np.int64),
+            }
+            check = {
+                "query_embedding": self.query_emb[:3],
+                "item_features": self.features[rows],
+                "query_index": np.arange(len(rows), dtype=np.int64) % 3,
+            }
+            return trace, check
+        if name == "image_encoder":
+            ids = [self.embeddings.ids[i] for i in rows[:10]]
+            pixels = np.stack([image_to_pixels(self.catalogue.load_image(i)) for i in ids])
+            return {"pixels": pixels[:2]}, {"pixels": pixels[2:]}
+        if name == "item_encoder":
+            text, image = self.embeddings.text[rows], self.embeddings.image[rows]
+            return (
+                {"text_embedding": text[:2], "image_embedding": image[:2]},
+                {"text_embedding": text, "image_embedding": image},
+            )
+        raise KeyError(name)
+
+
 def _export_version(
     model: FusedRanker,
     checkpoint: Path,
@@ -132,46 +177,12 @@ def _export_version(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     text_encoder, image_encoder = TextEncoder(), ImageEncoder()
-    tokenizer = load_tokenizer()
     queries = _probe_queries(catalogue)
-    rows = np.linspace(0, len(catalogue) - 1, 300).astype(int)
-    row_ids = [embeddings.ids[i] for i in rows]
-    with torch.no_grad():
-        query_emb = encode_texts(queries[:50], text_encoder)
-
-    def inputs_for(name: str) -> tuple[dict, dict]:
-        if name == "query_encoder":
-            ids, mask = tokenize(tokenizer, queries[:2])
-            cids, cmask = tokenize(tokenizer, queries[2:9])
-            return {"input_ids": ids, "attention_mask": mask}, {
-                "input_ids": cids,
-                "attention_mask": cmask,
-            }
-        if name in ("ranker", "ranker_fp16"):
-            trace = {
-                "query_embedding": query_emb[:2],
-                "item_features": features[rows[:7]],
-                "query_index": np.array([0, 1, 0, 1, 0, 1, 1], dtype=np.int64),
-            }
-            check = {
-                "query_embedding": query_emb[:3],
-                "item_features": features[rows],
-                "query_index": np.arange(len(rows), dtype=np.int64) % 3,
-            }
-            return trace, check
-        if name == "image_encoder":
-            pixels = np.stack([image_to_pixels(catalogue.load_image(i)) for i in row_ids[:10]])
-            return {"pixels": pixels[:2]}, {"pixels": pixels[2:]}
-        if name == "item_encoder":
-            text, image = embeddings.text[rows], embeddings.image[rows]
-            return (
-                {"text_embedding": text[:2], "image_embedding": image[:2]},
-                {"text_embedding": text, "image_embedding": image},
-            )
-        raise KeyError(name)
-
+    inputs = ParityInputs(catalogue, embeddings, features, queries, text_encoder)
     log(f"exporting {version} to ONNX (opset {OPSET}) with parity checks:")
-    graphs = export_all(graph_defs(model, text_encoder, image_encoder), inputs_for, tmp, log=log)
+    graphs = export_all(
+        graph_defs(model, text_encoder, image_encoder), inputs.for_graph, tmp, log=log
+    )
     shutil.copy(Path(text_model_path()) / "tokenizer.json", tmp / "tokenizer.json")
 
     with torch.no_grad():

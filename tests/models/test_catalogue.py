@@ -19,7 +19,10 @@ def small_catalogue(tmp_path: Path, rows: int = 5) -> tuple[Path, list[dict]]:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(kept)
-    with zipfile.ZipFile(SAMPLE / IMAGES_FILE) as src, zipfile.ZipFile(tmp_path / IMAGES_FILE, "w") as dst:
+    with (
+        zipfile.ZipFile(SAMPLE / IMAGES_FILE) as src,
+        zipfile.ZipFile(tmp_path / IMAGES_FILE, "w") as dst,
+    ):
         for row in kept:
             dst.writestr(f"{row['id']}.jpg", src.read(f"{row['id']}.jpg"))
     return tmp_path, kept
@@ -46,7 +49,9 @@ def test_empty_title_names_row(tmp_path):
     lines = (root / PRODUCTS_FILE).read_text().splitlines()
     lines[3] = lines[3].replace(kept[2]["productDisplayName"], "")
     (root / PRODUCTS_FILE).write_text("\n".join(lines) + "\n")
-    with pytest.raises(CatalogueError, match=r"products\.csv: row 4 has an empty productDisplayName"):
+    with pytest.raises(
+        CatalogueError, match=r"products\.csv: row 4 has an empty productDisplayName"
+    ):
         load_catalogue(root)
 
 
@@ -68,7 +73,9 @@ def test_unreadable_image_names_archive_and_entry(tmp_path):
         for name, data in entries.items():
             archive.writestr(name, data)
     catalogue = load_catalogue(root)
-    with pytest.raises(CatalogueError, match=rf"images_60x80\.zip: entry {bad}\.jpg .*not a readable image"):
+    with pytest.raises(
+        CatalogueError, match=rf"images_60x80\.zip: entry {bad}\.jpg .*not a readable image"
+    ):
         catalogue.load_image(bad)
 
 

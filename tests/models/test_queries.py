@@ -17,8 +17,17 @@ from models.queries import (
 from models.vocabulary import strip_colour_words, title_names_colour
 
 
-def product(pid="1", *, type_="Tshirts", sub="Topwear", colour="Red", gender="Men", usage="Casual",
-            title="Nike Men Red Tshirt", group=""):
+def product(
+    pid="1",
+    *,
+    type_="Tshirts",
+    sub="Topwear",
+    colour="Red",
+    gender="Men",
+    usage="Casual",
+    title="Nike Men Red Tshirt",
+    group="",
+):
     return Product(pid, title, gender, "Apparel", sub, type_, colour, usage, "Summer", group)
 
 
@@ -78,10 +87,14 @@ def test_split_keeps_duplicate_photos_together():
 def test_generated_lists_mix_grades_and_colour_slice_titles_name_no_colour():
     colours = ["Red", "Blue", "Black", "Maroon"]
     pool = [
-        product(str(i), colour=colours[i % 4], gender=("Men", "Women", "Unisex")[i % 3],
-                title=("Roadster Tshirt" if i % 2 else f"Roadster {colours[i % 4]} Tshirt"),
-                type_=("Tshirts", "Shirts", "Jeans")[i % 3 if i % 5 else 0],
-                sub=("Topwear", "Topwear", "Bottomwear")[i % 3 if i % 5 else 0])
+        product(
+            str(i),
+            colour=colours[i % 4],
+            gender=("Men", "Women", "Unisex")[i % 3],
+            title=("Roadster Tshirt" if i % 2 else f"Roadster {colours[i % 4]} Tshirt"),
+            type_=("Tshirts", "Shirts", "Jeans")[i % 3 if i % 5 else 0],
+            sub=("Topwear", "Topwear", "Bottomwear")[i % 3 if i % 5 else 0],
+        )
         for i in range(400)
     ]
     queries = QueryGenerator(pool, seed=0).generate(20, TRAIN_TEMPLATES, 40)
@@ -91,7 +104,9 @@ def test_generated_lists_mix_grades_and_colour_slice_titles_name_no_colour():
         assert EXACT in q.grades and IRRELEVANT in q.grades
         by_id = {p.id: p for p in pool}
         assert q.grades == [grade(q.spec, by_id[c]) for c in q.candidates]
-    blind = QueryGenerator(pool, seed=1).generate(5, HELDOUT_TEMPLATES, 30, colour_blind_titles=True)
+    blind = QueryGenerator(pool, seed=1).generate(
+        5, HELDOUT_TEMPLATES, 30, colour_blind_titles=True
+    )
     assert blind
     for q in blind:
         assert q.spec.colour is not None

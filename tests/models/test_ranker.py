@@ -63,7 +63,11 @@ def test_a_few_training_steps_lower_the_loss(strategy, sample_slice_embeddings):
         queries, encode_texts([q.text for q in queries]), {p.id: i for i, p in enumerate(products)}
     )
     _, losses = train_ranker(
-        RankerConfig(strategy=strategy), data, text, image, None,
+        RankerConfig(strategy=strategy),
+        data,
+        text,
+        image,
+        None,
         TrainConfig(epochs=4, batch_queries=16, strip_colour_p=0.0),
     )
     assert losses[-1] < losses[0]
