@@ -25,9 +25,10 @@ from prometheus_client import (
 from service.stages.batcher import RELEASE_REASONS
 
 STAGES = ("encode", "retrieve", "fetch", "score")
+# Sub-millisecond steps: the stages of a request with a cached query take tenths of a ms.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
-    0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008,
+    0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 BATCH_ROW_BUCKETS = tuple(float(1 << i) for i in range(17))  # 1 .. 65536 candidates
 BATCH_REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
