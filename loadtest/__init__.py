@@ -1,0 +1,1 @@
+"""Load and latency tools that drive a running service (never run by the tests)."""
