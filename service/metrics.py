@@ -36,10 +36,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER_ROUTE = "other"  # label of paths the app does not serve, so labels stay bounded
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
 class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -148,7 +144,7 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this process, or of all workers."""
-        if multiprocess_dir() is None:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)

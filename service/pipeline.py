@@ -111,8 +111,9 @@ class Pipeline:
             )
         await asyncio.to_thread(self.retriever.search, encoded.retrieval_vector, 1)
         log.info(
-            "model %s warmed on %s in %.2f s (buckets %s)",
+            "model %s (%s) warmed on %s in %.2f s (buckets %s)",
             self.version,
+            self.scorer.graph,
             self.provider,
             time.perf_counter() - started,
             self.batcher.warmed,

@@ -58,9 +58,6 @@ class LRUCache:
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
 
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 class QueryEncoder:
     def __init__(
