@@ -9,7 +9,8 @@
         ranker.onnx            query_embedding (float32 [queries, 384]),
                                item_features (float16 [candidates, text_dims + image_dims]),
                                query_index (int64 [candidates]: row of query_embedding)
-                               -> score, text_contribution, image_contribution (float32 [candidates])
+                               -> score, text_contribution, image_contribution
+                                  (float32 [candidates])
         ranker_fp16.onnx       the same, computed in float16 (for GPUs)
         image_encoder.onnx     pixels (float32 [batch, 3, 112, 112]) -> image_embedding
         item_encoder.onnx      text_embedding, image_embedding -> item_features
@@ -104,7 +105,9 @@ def resolve_version_dir(models_dir: Path, version: str | None = None) -> Path:
         try:
             version = (models_dir / CURRENT_FILE).read_text().strip()
         except FileNotFoundError as exc:
-            raise ArtifactError(f"{models_dir / CURRENT_FILE}: no current model (run `make artifacts`)") from exc
+            raise ArtifactError(
+                f"{models_dir / CURRENT_FILE}: no current model (run `make artifacts`)"
+            ) from exc
     path = models_dir / version
     if not (path / MANIFEST_FILE).is_file():
         raise ArtifactError(f"{path}: no such model version")
