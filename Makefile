@@ -1,5 +1,5 @@
 # fusionrank — every command takes the catalogue directory as DATA (default: the bundled sample).
-#   make demo                      build the model on the bundled sample and print the evaluation
+#   make demo                      build artifacts from the bundled sample and serve them
 #   make test                      create .venv, install, run the whole test suite
 #   make eval DATA=../shared/data/fashion
 #   make artifacts DATA=... [REDIS_URL=redis://127.0.0.1:6379/0]
@@ -38,8 +38,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-demo: install
-	$(BIN)/python -m models eval --data $(DATA) --out $(ARTIFACTS)
+# Build from the bundled sample (embedded feature store: no server needed), then serve.
+demo: artifacts
+	@echo
+	@echo "fusionrank is starting on http://$(HOST):$(PORT) (Ctrl-C stops it). Try:"
+	@echo "  curl -s http://$(HOST):$(PORT)/readyz"
+	@echo "  curl -s -X POST http://$(HOST):$(PORT)/rank -H 'content-type: application/json' \\"
+	@echo "       -d '{\"query\": \"red t-shirt for men\", \"top_k\": 5}'"
+	@echo
+	$(BIN)/python -m service
+
+serve: install
+	$(BIN)/python -m service
 
 eval: install
 	$(BIN)/python -m models eval --data $(DATA) --out $(ARTIFACTS)

@@ -1,8 +1,8 @@
 """train -> export -> publish, idempotently.
 
 1. The checkpoint of the chosen strategy (default: the one the evaluation chose) is taken from
-   `<out>/checkpoints/`; when it is missing or was trained on another catalogue, that one
-   strategy is trained now.
+   `<out>/checkpoints/<catalogue fingerprint>/`; when it is missing, that one strategy is
+   trained now.
 2. The model version is a hash of the checkpoint's weights, the catalogue and this exporter's
    format, so two exports of the same weights agree. A version directory that already has a
    manifest is reused as is; otherwise every graph is exported into a temporary directory,
@@ -38,7 +38,13 @@ from models.encoders import (
     text_model_path,
     tokenize,
 )
-from models.evaluate import load_checkpoint, prepare, save_checkpoint, train_method
+from models.evaluate import (
+    checkpoint_dir,
+    load_checkpoint,
+    prepare,
+    save_checkpoint,
+    train_method,
+)
 from models.queries import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, QueryGenerator
 from models.ranker import FusedRanker
 from service.features import FeatureLayout, FeatureStore, open_feature_store
@@ -58,25 +64,21 @@ class ExportReport:
     manifest: Manifest
 
 
-def _checkpoint(out: Path, data: Path, strategy: str | None, log) -> tuple[Path, FusedRanker, dict]:
-    checkpoints = out / "checkpoints"
+def _checkpoint(
+    out: Path, catalogue: Catalogue, strategy: str | None, log
+) -> tuple[Path, FusedRanker, dict]:
+    checkpoints = checkpoint_dir(out, catalogue.fingerprint)
     if strategy is None:
         default = checkpoints / "default.json"
         strategy = json.loads(default.read_text())["strategy"] if default.is_file() else "hybrid"
     path = checkpoints / f"{strategy}.pt"
-    bench = None
     if path.is_file():
         model, payload = load_checkpoint(path)
-        from models.catalogue import load_catalogue
-
-        if payload["catalogue"] == load_catalogue(data).fingerprint:
-            return path, model, payload
-        log(f"checkpoint {path} was trained on another catalogue: retraining {strategy}")
-    else:
-        log(f"no checkpoint {path}: training {strategy} now")
-    bench = prepare(data, out, verbose=True)
+        return path, model, payload
+    log(f"no checkpoint {path}: training {strategy} now")
+    bench = prepare(catalogue.root, out, verbose=True)
     model, metrics, _ = train_method(bench, strategy)
-    save_checkpoint(path, model, metrics, bench.catalogue.fingerprint)
+    save_checkpoint(path, model, metrics, catalogue.fingerprint)
     model, payload = load_checkpoint(path)
     return path, model, payload
 
@@ -231,7 +233,7 @@ def run(
 
     catalogue = load_catalogue(data)
     embeddings = item_embeddings(catalogue, out / "cache")
-    checkpoint, model, payload = _checkpoint(out, data, strategy, log)
+    checkpoint, model, payload = _checkpoint(out, catalogue, strategy, log)
     version = model_version(model, catalogue)
     features = item_features(model, embeddings)
     feature_version = features_version(embeddings.ids, features)

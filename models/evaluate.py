@@ -3,7 +3,8 @@
     python -m models eval --data data/sample --out artifacts
 
 Writes `<out>/eval/report.json`, `report.md` and `item_representations.png`, and one checkpoint
-per learned method under `<out>/checkpoints/` (the exporter takes the default one from there).
+per learned method under `<out>/checkpoints/<catalogue fingerprint>/` (the exporter takes the
+default one from there; checkpoints of different catalogues live side by side).
 Queries and relevance are derived from product attributes (models.queries): there are no
 logged queries for this catalogue.
 """
@@ -59,6 +60,10 @@ class EvalPlan:
         if size <= 5000:
             return cls(train_queries=2000, heldout_queries=300, slice_queries=150, epochs=5)
         return cls(train_queries=10000, heldout_queries=1000, slice_queries=500)
+
+
+def checkpoint_dir(out: Path, fingerprint: str) -> Path:
+    return out / "checkpoints" / fingerprint
 
 
 def save_checkpoint(path: Path, model: FusedRanker, metrics: dict, fingerprint: str) -> None:
@@ -230,7 +235,7 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
     eval_dir.mkdir(parents=True, exist_ok=True)
     for name, model in models.items():
         save_checkpoint(
-            out / "checkpoints" / f"{name}.pt",
+            checkpoint_dir(out, catalogue.fingerprint) / f"{name}.pt",
             model,
             {split: results[split][name] for split in results},
             catalogue.fingerprint,
@@ -270,7 +275,9 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
     }
     (eval_dir / "report.json").write_text(json.dumps(report, indent=2))
     (eval_dir / "report.md").write_text(render_markdown(report))
-    (out / "checkpoints" / "default.json").write_text(json.dumps({"strategy": default}))
+    (checkpoint_dir(out, catalogue.fingerprint) / "default.json").write_text(
+        json.dumps({"strategy": default})
+    )
     return report
 
 

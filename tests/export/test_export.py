@@ -9,7 +9,7 @@ from export.pipeline import ParityInputs, features_version, item_features, run
 from models.catalogue import load_catalogue
 from models.embeddings import item_embeddings
 from models.encoders import ImageEncoder, TextEncoder
-from models.evaluate import load_checkpoint
+from models.evaluate import checkpoint_dir, load_checkpoint
 from service.features import EmbeddedFeatureStore
 from service.manifest import load_manifest, resolve_version_dir
 from tests.conftest import SAMPLE
@@ -21,8 +21,10 @@ GRAPHS = ["query_encoder", "ranker", "ranker_fp16", "image_encoder", "item_encod
 def exported(sample_artifacts):
     version_dir = resolve_version_dir(sample_artifacts / "models")
     manifest = load_manifest(version_dir)
-    model, _ = load_checkpoint(sample_artifacts / "checkpoints" / "hybrid.pt")
     catalogue = load_catalogue(SAMPLE)
+    model, _ = load_checkpoint(
+        checkpoint_dir(sample_artifacts, catalogue.fingerprint) / "hybrid.pt"
+    )
     embeddings = item_embeddings(catalogue, sample_artifacts / "cache", verbose=False)
     return version_dir, manifest, model, catalogue, embeddings
 
