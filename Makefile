@@ -59,7 +59,7 @@ artifacts: install
 	$(BIN)/python -m export --data $(DATA) --out $(ARTIFACTS) $(if $(strip $(REDIS_URL)),--redis-url $(REDIS_URL),)
 
 test: install
-	@bash .ci/ensure-redis
+	@bash .ci/ensure-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
