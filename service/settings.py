@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     model_version: str | None = None
     """The model version to serve; unset: the one named in models/CURRENT."""
     redis_url: str | None = None
-    """The Redis feature store; unset: the embedded store in artifacts_dir/features."""
+    """The Redis feature store; unset: the embedded store in artifacts_dir/features. A
+    ``redis+cluster://host:port[,host:port...]`` URL names seed nodes of a Redis Cluster."""
     redis_prefix: str = Field("fusionrank", min_length=1)
     feature_timeout_s: float = Field(1.0, gt=0, le=60)
     """Socket timeout of one feature store round trip."""

@@ -1,12 +1,14 @@
 """Per-item feature store: versions of compact text + image feature vectors, one fetch per request.
 
-Use :func:`open_feature_store` to get a store: Redis when a URL is configured, otherwise a local
-directory. Both implement :class:`FeatureStore`; see ``base.py`` for the publish/read semantics.
+Use :func:`open_feature_store` to get a store: Redis Cluster for a ``redis+cluster://`` URL,
+Redis for another URL, otherwise a local directory. All implement :class:`FeatureStore`; see
+``base.py`` for the publish/read semantics.
 """
 
 from pathlib import Path
 
 from service.features.base import FeatureBatch, FeatureStore, PublishReport
+from service.features.cluster_store import RedisClusterFeatureStore
 from service.features.embedded import EmbeddedFeatureStore
 from service.features.format import FeatureLayout, decode_values, encode_matrix
 from service.features.redis_store import RedisFeatureStore
@@ -17,6 +19,7 @@ __all__ = [
     "FeatureLayout",
     "FeatureStore",
     "PublishReport",
+    "RedisClusterFeatureStore",
     "RedisFeatureStore",
     "decode_values",
     "encode_matrix",
@@ -30,7 +33,10 @@ def open_feature_store(
     prefix: str = "fusionrank",
     timeout_s: float = 1.0,
 ) -> FeatureStore:
-    """A Redis store when ``redis_url`` is given, else an embedded store in ``embedded_root``."""
+    """A Redis Cluster store for a ``redis+cluster://host:port[,host:port...]`` URL, a Redis
+    store for another URL, else an embedded store in ``embedded_root``."""
+    if redis_url and redis_url.startswith("redis+cluster://"):
+        return RedisClusterFeatureStore.from_url(redis_url, prefix=prefix, timeout_s=timeout_s)
     if redis_url:
         return RedisFeatureStore.from_url(redis_url, prefix=prefix, timeout_s=timeout_s)
     return EmbeddedFeatureStore(embedded_root)

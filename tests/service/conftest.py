@@ -18,7 +18,13 @@ import pytest
 import redis
 from fastapi import FastAPI
 
-from service.features import EmbeddedFeatureStore, FeatureStore, RedisFeatureStore
+from service.features import (
+    EmbeddedFeatureStore,
+    FeatureStore,
+    RedisClusterFeatureStore,
+    RedisFeatureStore,
+)
+from tests.service.redis_cluster import ClusterUnavailable, delete_prefix, redis_cluster
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -82,7 +88,30 @@ def redis_prefix(redis_client: redis.Redis) -> Iterator[str]:
         redis_client.unlink(*keys)
 
 
-@pytest.fixture(params=["redis", "embedded"])
+@pytest.fixture(scope="session")
+def redis_cluster_ports() -> Iterator[list[int]]:
+    """A 3-master Redis Cluster of this session (redis-server --cluster-enabled on loopback)."""
+    try:
+        with redis_cluster() as ports:
+            yield ports
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no Redis Cluster: {exc}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster_ports: list[int]) -> str:
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in redis_cluster_ports)
+
+
+@pytest.fixture
+def cluster_prefix(redis_cluster_ports: list[int]) -> Iterator[str]:
+    """A key prefix of this test alone on the cluster; its keys are deleted afterwards."""
+    prefix = f"fusionrank-test:{uuid.uuid4()}"
+    yield prefix
+    delete_prefix(redis_cluster_ports, prefix)
+
+
+@pytest.fixture(params=["redis", "cluster", "embedded"])
 def open_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[], FeatureStore]]:
@@ -94,6 +123,16 @@ def open_store(
 
         def open_handle() -> FeatureStore:
             opened.append(RedisFeatureStore.from_url(url, prefix=prefix))
+            return opened[-1]
+    elif request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster_url")
+        prefix = request.getfixturevalue("cluster_prefix")
+
+        def open_handle() -> FeatureStore:
+            # A short deletion grace keeps the suite quick; fetches rarely take that long, and
+            # those that do re-check the pointer.
+            store = RedisClusterFeatureStore.from_url(url, prefix=prefix, grace_s=0.05)
+            opened.append(store)
             return opened[-1]
     else:
 

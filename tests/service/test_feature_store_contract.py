@@ -1,4 +1,5 @@
-"""Contract suite run against every FeatureStore backend (real Redis and embedded, no mocks).
+"""Contract suite run against every FeatureStore backend (real Redis, a real 3-master Redis
+Cluster and embedded; no mocks).
 
 Values are stored as float16, so fetched rows equal the float16-cast source exactly; against the
 float32 source they are within float16 rounding (relative error <= 2**-11).
