@@ -15,7 +15,8 @@
         image_encoder.onnx     pixels (float32 [batch, 3, 112, 112]) -> image_embedding
         item_encoder.onnx      text_embedding, image_embedding -> item_features
         tokenizer.json         the MiniLM tokenizer
-        index.faiss            FAISS inner-product index over item_features (as float32)
+        index.faiss            FAISS inner-product index over item_features (as float32), or
+        index.NNN-of-MMM.faiss its shards (a sharded export: IndexSpec.shards)
         index_ids.json         FAISS row -> product id
 
 The version is a hash of the exported content, so two exports of the same weights agree.
@@ -55,6 +56,7 @@ class GraphSpec(BaseModel):
 class IndexSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     file: str
+    """The index; not on disk when ``shards`` lists files."""
     ids_file: str
     factory: str
     metric: str
@@ -62,6 +64,9 @@ class IndexSpec(BaseModel):
     items: int
     recall_at_100: float | None = None
     build_seconds: float | None = None
+    shards: list[str] = []
+    """A sharded index: shard i holds the next block of rows of ids_file; searched as one
+    (faiss.IndexShards, results merged by score)."""
 
 
 class Manifest(BaseModel):

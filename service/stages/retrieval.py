@@ -1,4 +1,5 @@
-"""Candidate retrieval: the FAISS inner-product index over item features.
+"""Candidate retrieval: the FAISS inner-product index over item features, one file or shards
+(IndexSpec.shards) searched as one faiss.IndexShards: each shard's top k, merged by score.
 
 in:  retrieval_vector float32 [dims], k: int
 out: list[str] of at most k product ids, best first
@@ -26,14 +27,13 @@ class Retriever:
     @classmethod
     def load(cls, version_dir: Path, manifest: Manifest, *, threads: int) -> Retriever:
         spec = manifest.index
-        path, ids_path = version_dir / spec.file, version_dir / spec.ids_file
-        if not path.is_file():
-            raise ArtifactError(f"{path}: no such index file")
+        ids_path = version_dir / spec.ids_file
+        paths = [version_dir / name for name in spec.shards or [spec.file]]
         faiss.omp_set_num_threads(threads)
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as exc:
-            raise ArtifactError(f"{path}: FAISS cannot read it: {exc}") from exc
+        parts = [_read_index(path) for path in paths]
+        # Shards are searched one after another unless there are threads to spare.
+        index = parts[0] if len(parts) == 1 else combine_shards(parts, threaded=threads > 1)
+        path = paths[0] if len(paths) == 1 else version_dir / f"{len(paths)} shards"
         try:
             ids = json.loads(ids_path.read_bytes())
         except (OSError, ValueError) as exc:
@@ -56,3 +56,23 @@ class Retriever:
         _, rows = self._index.search(query, min(k, self._index.ntotal))
         ids = self._ids
         return [ids[row] for row in rows[0].tolist() if row >= 0]
+
+
+def combine_shards(parts: list[faiss.Index], *, threaded: bool = False) -> faiss.Index:
+    """One index over ``parts`` in order (shard i's rows follow shard i-1's): a search returns
+    every shard's top k merged by score, with the metric of the shards."""
+    if len({(part.d, part.metric_type) for part in parts}) != 1:
+        raise ArtifactError("index shards differ in dims or metric")
+    shards = faiss.IndexShards(parts[0].d, threaded, True)  # successive ids
+    for part in parts:
+        shards.add_shard(part)  # faiss's wrapper keeps a reference to each shard
+    return shards
+
+
+def _read_index(path: Path) -> faiss.Index:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such index file")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: FAISS cannot read it: {exc}") from exc
