@@ -27,6 +27,7 @@ import torch
 
 from export.graphs import OPSET, export_all, graph_defs
 from export.index import build_index
+from export.items import write_items
 from models.catalogue import Catalogue
 from models.embeddings import ItemEmbeddings, encode_texts, item_embeddings
 from models.encoders import (
@@ -267,6 +268,7 @@ def run(
         )
     else:
         log(f"features {feature_version} already published: nothing to do")
+    write_items(catalogue, out, log)  # titles and photos for the search page
     (out / "models" / CURRENT_FILE).write_text(version + "\n")
     return ExportReport(
         version, target, reused, feature_version, report.items, report.seconds, manifest

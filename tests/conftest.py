@@ -27,7 +27,13 @@ EXPORT_TIMEOUT_S = 3600
 def _artifacts_key() -> str:
     """Changes whenever the exporter, the models or the sample change."""
     digest = hashlib.sha256()
-    for folder in ("export", "models", "service/features", "service/manifest.py"):
+    for folder in (
+        "export",
+        "models",
+        "service/features",
+        "service/manifest.py",
+        "service/items.py",
+    ):
         for path in (
             sorted((REPO / folder).rglob("*.py")) if (REPO / folder).is_dir() else [REPO / folder]
         ):
