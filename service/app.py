@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import pages
 from service.errors import FeatureStoreError, FusionRankError, ServiceNotReady
 from service.features import FeatureStore, open_feature_store
 from service.metrics import CONTENT_TYPE, OTHER_ROUTE, ServiceMetrics
@@ -260,6 +261,9 @@ def create_app(
     app.add_middleware(
         HTTPMetricsMiddleware, metrics=metrics, routes=[route.path for route in app.routes]
     )
+    # The search page and /items (service/pages.py); after the metrics' route list, which
+    # holds only routes with a path (they count under "other").
+    app.include_router(pages.router)
     return app
 
 
