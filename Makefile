@@ -41,7 +41,8 @@ install: $(VENV)/.installed
 # Build from the bundled sample (embedded feature store: no server needed), then serve.
 demo: artifacts
 	@echo
-	@echo "fusionrank is starting on http://$(HOST):$(PORT) (Ctrl-C stops it). Try:"
+	@echo "fusionrank is starting on http://$(HOST):$(PORT) (Ctrl-C stops it): open that address"
+	@echo "in a browser for the search page, or try:"
 	@echo "  curl -s http://$(HOST):$(PORT)/readyz"
 	@echo "  curl -s -X POST http://$(HOST):$(PORT)/rank -H 'content-type: application/json' \\"
 	@echo "       -d '{\"query\": \"red t-shirt for men\", \"top_k\": 5}'"
