@@ -18,7 +18,16 @@ def main() -> None:
     )
     ev.add_argument("--data", type=Path, default=Path("data/sample"), help="catalogue directory")
     ev.add_argument("--out", type=Path, default=Path("artifacts"), help="artifacts directory")
+    cost = sub.add_parser("storage-cost", help="ranking quality with float16 vs float32 features")
+    cost.add_argument("--data", type=Path, default=Path("data/sample"), help="catalogue directory")
+    cost.add_argument("--out", type=Path, default=Path("artifacts"), help="artifacts directory")
     args = parser.parse_args()
+
+    if args.command == "storage-cost":
+        from models.storage_cost import storage_cost
+
+        print(json.dumps(storage_cost(args.data, args.out), indent=2))
+        return
 
     from models.evaluate import run
 
