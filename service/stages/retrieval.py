@@ -20,9 +20,10 @@ from service.manifest import Manifest
 
 
 class Retriever:
-    def __init__(self, index: faiss.Index, ids: list[str]) -> None:
+    def __init__(self, index: faiss.Index, ids: list[str], threads: int = 1) -> None:
         self._index = index
         self._ids = ids
+        self._threads = threads
 
     @classmethod
     def load(cls, version_dir: Path, manifest: Manifest, *, threads: int) -> Retriever:
@@ -45,13 +46,17 @@ class Retriever:
                 f"{path}: index has {index.ntotal} vectors of {index.d} dims, manifest and "
                 f"{ids_path.name} say {len(ids)} of {spec.dims}"
             )
-        return cls(index, ids)
+        return cls(index, ids, threads)
 
     @property
     def dims(self) -> int:
         return self._index.d
 
     def search(self, vector: np.ndarray, k: int) -> list[str]:
+        # OpenMP's thread count is per calling thread: a worker thread other than the one that
+        # loaded the index would search with one OpenMP thread per core, spinning on the
+        # others' cores (measured: 9 ms of CPU instead of 2.9 for one query, 2 cores busy).
+        faiss.omp_set_num_threads(self._threads)
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         _, rows = self._index.search(query, min(k, self._index.ntotal))
         ids = self._ids
