@@ -29,6 +29,12 @@ def main() -> None:
         "--redis-prefix", default=os.environ.get("FUSIONRANK_REDIS_PREFIX", "fusionrank")
     )
     parser.add_argument("--index-factory", default="auto", help="FAISS factory string or auto")
+    parser.add_argument(
+        "--index-shards",
+        type=int,
+        default=1,
+        help="cut the index into N shard files (a new export only: an exported version is reused)",
+    )
     args = parser.parse_args()
 
     from export.pipeline import run
@@ -40,6 +46,7 @@ def main() -> None:
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
         index_factory=args.index_factory,
+        index_shards=args.index_shards,
     )
     print(f"current model: {report.version} ({report.version_dir})")
 

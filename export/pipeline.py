@@ -51,7 +51,7 @@ from models.ranker import FusedRanker
 from service.features import FeatureLayout, FeatureStore, open_feature_store
 from service.manifest import CURRENT_FILE, Manifest, write_manifest
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: query share of the first layers computed once per query
 
 
 @dataclass
@@ -175,6 +175,7 @@ def _export_version(
     target: Path,
     index_factory: str,
     log,
+    index_shards: int = 1,
 ) -> Manifest:
     tmp = target.parent / f".tmp-{version}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -192,7 +193,9 @@ def _export_version(
         retrieval = model.retrieval_vector(
             torch.from_numpy(encode_texts(queries, text_encoder))
         ).numpy()
-    built = build_index(embeddings.ids, features.astype(np.float32), retrieval, tmp, index_factory)
+    built = build_index(
+        embeddings.ids, features.astype(np.float32), retrieval, tmp, index_factory, index_shards
+    )
     log(
         f"  index {built.spec.factory}: {built.spec.items} items, recall@100 vs exact "
         f"{built.spec.recall_at_100:.4f}, built in {built.spec.build_seconds:.2f}s"
@@ -226,6 +229,7 @@ def run(
     redis_url: str | None = None,
     redis_prefix: str = "fusionrank",
     index_factory: str = "auto",
+    index_shards: int = 1,
     store: FeatureStore | None = None,
     log=print,
 ) -> ExportReport:
@@ -256,6 +260,7 @@ def run(
             target,
             index_factory,
             log,
+            index_shards,
         )
 
     store = store or open_feature_store(redis_url, out / "features", prefix=redis_prefix)

@@ -76,6 +76,19 @@ def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, outputs))
 
 
+def _split_first_layer(
+    mlp: nn.Sequential, pq_query: torch.Tensor, query_index: torch.Tensor, item_inputs: list
+) -> torch.Tensor:
+    """`mlp(cat([pq, *item_inputs]))` with the query's share of the first layer computed once
+    per query and gathered, instead of once per candidate: the same function of the same
+    weights, and about a quarter fewer FLOPs per candidate on the online path."""
+    first = mlp[0]
+    d = pq_query.shape[-1]
+    query_part = nn.functional.linear(pq_query, first.weight[:, :d], first.bias)[query_index]
+    item_part = nn.functional.linear(torch.cat(item_inputs, -1), first.weight[:, d:])
+    return mlp[2](mlp[1](query_part + item_part))
+
+
 class Tower(nn.Module):
     """Raw embedding -> compact item vector; LayerNorm keeps values in float16's easy range."""
 
@@ -157,18 +170,20 @@ class FusedRanker(nn.Module):
         zero = torch.zeros(features.shape[0], dtype=query.dtype, device=features.device)
         contrib = {m: zero for m in MODALITIES}
         total = zero
-        pq = self.query_proj(query)[query_index]
+        pq_query = self.query_proj(query)  # (Q, d): once per query
+        pq = pq_query[query_index]
         if s in ("early", "hybrid"):
-            early = self._early(pq, items)
+            early = self._early(pq_query, pq, query_index, items)
             total = total + early
             if s == "early":
                 for m in items:
                     ablated = {k: (torch.zeros_like(v) if k == m else v) for k, v in items.items()}
-                    contrib[m] = early - self._early(pq, ablated)
+                    contrib[m] = early - self._early(pq_query, pq, query_index, ablated)
         if s in ("late", "hybrid"):
             weights = nn.functional.softplus(self.late_weights(query))[query_index]
             for i, (m, vec) in enumerate(items.items()):
-                part = weights[:, i] * self.late[m](torch.cat([pq, vec, pq * vec], -1)).squeeze(-1)
+                hidden = _split_first_layer(self.late[m], pq_query, query_index, [vec, pq * vec])
+                part = weights[:, i] * hidden.squeeze(-1)
                 contrib[m] = part
                 total = total + part
         if s == "representation":
@@ -184,9 +199,10 @@ class FusedRanker(nn.Module):
                 total = total + contrib[m]
         return total, contrib["text"], contrib["image"]
 
-    def _early(self, pq: torch.Tensor, items: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _early(self, pq_query, pq, query_index, items: dict[str, torch.Tensor]) -> torch.Tensor:
         vecs = list(items.values())
-        return self.early(torch.cat([pq, *vecs, *(pq * v for v in vecs)], -1)).squeeze(-1)
+        item_inputs = [*vecs, *(pq * v for v in vecs)]
+        return _split_first_layer(self.early, pq_query, query_index, item_inputs).squeeze(-1)
 
     def forward_lists(
         self, query: torch.Tensor, text: torch.Tensor, image: torch.Tensor
