@@ -32,8 +32,9 @@ class Retriever:
         paths = [version_dir / name for name in spec.shards or [spec.file]]
         faiss.omp_set_num_threads(threads)
         parts = [_read_index(path) for path in paths]
-        # Shards are searched one after another unless there are threads to spare.
-        index = parts[0] if len(parts) == 1 else combine_shards(parts, threaded=threads > 1)
+        # Shards are searched one after another on the calling thread: IndexShards' own threads
+        # would each start a full OpenMP team of their own (see search()).
+        index = parts[0] if len(parts) == 1 else combine_shards(parts)
         path = paths[0] if len(paths) == 1 else version_dir / f"{len(paths)} shards"
         try:
             ids = json.loads(ids_path.read_bytes())
