@@ -34,10 +34,12 @@ serves the item reads after that deletion (v1 rows reported missing). The argume
 
 1. *Publisher.* Writes every key of the new version, then meta, then switches the pointer with
    one SET whose value carries a switch id unique to this switch (uuid4) and the publisher's
-   deletion grace G; then waits ``max(G, G of the pointer it replaced)`` after the SET returned,
-   and only then deletes the other versions. A version's keys are therefore complete before any
-   pointer names it, and stay untouched until at least G after the pointer stops naming it
-   (one publisher at a time, as for every backend; a version name never names other content).
+   deletion grace; then waits the grace G written in the pointer value it replaced (the one
+   readers of the old version rely on) after the SET returned, and only then deletes the other
+   versions (nothing to wait for when no pointer existed: no reader can hold one). A version's
+   keys are therefore complete before any pointer names it, and stay untouched until at least G
+   after the pointer stops naming it, G being the grace in that pointer value (one publisher at
+   a time, as for every backend; a version name never names other content).
 2. *Reader.* Holds a pointer value P (version v, grace G) read at some time t0. It notes its
    monotonic clock at r0 (after t0), sends the item MGETs and the pointer GET to every master,
    reads every reply, notes r1. If the pointer reply is P again, no switch happened between t0
@@ -260,8 +262,8 @@ class RedisClusterFeatureStore:
         with _unavailable_on_cluster_error():
             value = f"{version} {uuid.uuid4().hex} {round(self._grace_s * 1000)}"
             self._client().set(self._pointer_key, value)
-            # Readers holding the replaced pointer trust its grace: wait out the longer one.
-            time.sleep(max(self._grace_s, replaced.grace_s if replaced else 0.0))
+            if replaced is not None:  # readers holding it trust its grace (docstring: 1.)
+                time.sleep(replaced.grace_s)
             removed = self._delete_versions(keep=version)
         return PublishReport(version, len(ids), time.perf_counter() - started, removed)
 

@@ -164,12 +164,16 @@ def test_a_switch_during_a_stalled_round_trip_refetches_the_new_version(
     assert batch.version == "v2" and (batch.matrix == 2.0).all() and not batch.missing
 
 
-def test_publish_waits_out_the_longer_grace_of_the_replaced_pointer(open_cluster_store) -> None:
+def test_publish_waits_out_the_grace_of_the_pointer_it_replaces(open_cluster_store) -> None:
     ids, matrix = catalogue(50)
-    open_cluster_store(grace_s=0.4).publish(ids, matrix, LAYOUT, "v1")
-    started = time.monotonic()
-    open_cluster_store(grace_s=0).publish(ids, matrix, LAYOUT, "v2")
-    assert time.monotonic() - started >= 0.4
+    seconds = []
+    for version, grace_s in (("v1", 0.5), ("v2", 0), ("v3", 5)):
+        started = time.monotonic()
+        open_cluster_store(grace_s=grace_s).publish(ids, matrix, LAYOUT, version)
+        seconds.append(time.monotonic() - started)
+    assert seconds[0] < 0.5  # no pointer yet: no reader to wait for
+    assert seconds[1] >= 0.5  # readers of v1 were promised 0.5 s
+    assert seconds[2] < 0.5  # readers of v2 were promised nothing: they re-check
 
 
 def test_a_stale_slot_map_is_refreshed_and_the_fetch_succeeds(open_cluster_store) -> None:
