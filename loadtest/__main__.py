@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from loadtest.openloop import MAX_DURATION_S, LoadError, Target, print_progress
-from loadtest.runner import plot_sweeps, preflight, run_step, step_line, sweep
+from loadtest.runner import plot_sweeps, preflight, prime, run_step, step_line, sweep
 from loadtest.workload import DEFAULT_DERIVED, DEFAULT_ZIPF, Workload, default_catalogue
 
 MAX_SWEEP_STEPS = 20
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--timeout", type=float, default=10.0, help="s after scheduled send")
     parser.add_argument("--warmup", type=float, default=5.0, help="s at the first rate, unscored")
+    parser.add_argument(
+        "--prime", type=int, default=0, help="first send the N most popular queries once (cache)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("artifacts/loadtest/report.json"))
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "queries", "data")},
     }
     try:
+        if args.prime:
+            report["priming"] = prime(target, workload, args.prime, progress=print_progress)
         if args.sweep:
             result = sweep(
                 target,

@@ -36,6 +36,7 @@ import numpy as np
 MAX_REQUESTS = 200_000
 MAX_DURATION_S = 600.0
 MAX_CONNECTIONS = 512
+IDLE_REOPEN_S = 4.0  # under uvicorn's 5 s keep-alive timeout
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 TIMEOUT = "timeout"
 CONNECTION = "connection"
@@ -94,21 +95,41 @@ def request_bytes(target: Target, method: str, path: str, body: bytes | None = N
 
 
 class _Connection:
-    """One keep-alive HTTP/1.1 connection; reconnects after the server closes it."""
+    """One keep-alive HTTP/1.1 connection; reconnects after the server closes it.
+
+    A server closes keep-alive connections idle longer than its timeout (uvicorn: 5 s), which
+    at low rates over many connections is most of them. So a connection idle longer than
+    ``IDLE_REOPEN_S`` is reopened before use, and a request on a reused connection that the
+    server closed before answering a byte is sent once more on a new one, as HTTP clients do.
+    """
 
     def __init__(self, target: Target) -> None:
         self._target = target
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._used = 0.0  # loop time of the last answer (or of connecting)
 
     async def connect(self) -> None:
+        self.close()
         self._reader, self._writer = await asyncio.open_connection(
             self._target.host, self._target.port
         )
+        self._used = asyncio.get_running_loop().time()
 
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
-        if self._writer is None:
+        now = asyncio.get_running_loop().time()
+        if self._writer is None or now - self._used > IDLE_REOPEN_S:
             await self.connect()
+            return await self._exchange(request)
+        try:
+            return await self._exchange(request)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                raise  # the server had started answering: not a stale connection
+            await self.connect()
+            return await self._exchange(request)
+
+    async def _exchange(self, request: bytes) -> tuple[int, bytes]:
         reader, writer = self._reader, self._writer
         assert reader is not None and writer is not None
         writer.write(request)
@@ -125,6 +146,7 @@ class _Connection:
             self.close()
         if _header(headers, b"connection") == b"close":
             self.close()
+        self._used = asyncio.get_running_loop().time()
         return status, body
 
     def close(self) -> None:

@@ -13,13 +13,16 @@ import http.client
 import json
 import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.latency import counter_delta, histogram
 from loadtest.openloop import (
+    TIMEOUT,
     RunResult,
     Target,
     poisson_offsets,
@@ -30,8 +33,9 @@ from loadtest.openloop import (
 from loadtest.workload import Workload
 
 STAGES = ("encode", "retrieve", "fetch", "score")
-SEVERE_P99_FACTOR = 10.0  # a step this far over its target ends a sweep at once
+SEVERE_P99_MS = 2000.0  # a step this slow ends a sweep at once
 SEVERE_ERROR_RATE = 0.05
+SETTLE_MAX_S = 10.0
 
 
 def get(target: Target, path: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
@@ -168,6 +172,31 @@ def run_step(
     return step
 
 
+def prime(
+    target: Target,
+    workload: Workload,
+    queries: int,
+    *,
+    rate: float = 150.0,
+    repeat: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """Send the ``queries`` most popular queries (``repeat`` times, for servers with several
+    worker processes, each with its own cache) with one candidate each, so that a sweep starts
+    from the query cache of a server that has been taking traffic, not from a cold one."""
+    head = workload.head(queries) * repeat
+    one_id = workload.ids[:1]
+    bodies = [orjson.dumps({"query": q.text, "candidate_ids": one_id, "top_k": 1}) for q in head]
+    offsets = [i / rate for i in range(len(bodies))]
+    requests = [request_bytes(target, "POST", "/rank", body) for body in bodies]
+    result = run_sync(
+        run_open_loop(
+            target, requests, offsets, timeout_s=60.0, label="[priming]", progress=progress
+        )
+    )
+    return result.summary(offsets[-1] if offsets else 0.0, rate) if offsets else {}
+
+
 def held(step: dict, p99_target_ms: float | None) -> bool:
     """Every request answered 200 (no error, no timeout) and p99 within the target (if any).
 
@@ -180,12 +209,11 @@ def held(step: dict, p99_target_ms: float | None) -> bool:
     return p99_target_ms is None or (p99 is not None and p99 <= p99_target_ms)
 
 
-def severe(step: dict, p99_target_ms: float | None) -> bool:
-    """So far past the knee that higher rates would only queue up (and take long)."""
-    if step["error_rate"] > SEVERE_ERROR_RATE:
-        return True
+def severe(step: dict) -> bool:
+    """So far past the knee (queueing for seconds, or failing) that higher rates would only
+    pile up more work the server keeps doing after the step."""
     p99 = step["latency_ms"]["p99"]
-    return p99_target_ms is not None and p99 is not None and p99 > SEVERE_P99_FACTOR * p99_target_ms
+    return step["error_rate"] > SEVERE_ERROR_RATE or (p99 is not None and p99 > SEVERE_P99_MS)
 
 
 def sweep(
@@ -196,15 +224,24 @@ def sweep(
     rates: Sequence[float],
     duration_s: float,
     p99_target_ms: float | None = None,
+    stop_p99_ms: float | None = None,
     warmup_s: float = 5.0,
     stop_after: int = 2,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    settle: Callable[[dict], None] | None = None,
     **step_args,
 ) -> dict[str, object]:
-    """Steps at ``rates`` (ascending) after a warm-up at the first rate; stops after
-    ``stop_after`` consecutive steps not held, or one severe step."""
+    """Steps at ``rates`` (ascending) after a warm-up at the first rate.
+
+    A step is "held" with p99 within ``p99_target_ms``, "sustained" within ``stop_p99_ms``
+    (default: the target); the sweep stops after ``stop_after`` consecutive steps not
+    sustained, or one severe step. Between steps ``settle(step)`` waits for the server to
+    finish what it still does (default: after timeouts, as long as the timeout, at most 10 s).
+    """
     rng = random.Random(seed)
+    stop_p99_ms = stop_p99_ms if stop_p99_ms is not None else p99_target_ms
+    settle = settle or (lambda step: _settle_after_timeouts(step, step_args.get("timeout_s")))
     name = f"{candidates} given" if candidates else "retrieval"
     warmup = None
     if warmup_s > 0:
@@ -219,6 +256,7 @@ def sweep(
             progress=progress,
             **step_args,
         )
+        settle(warmup)
     steps = []
     failures = 0
     for rate in rates:
@@ -234,20 +272,30 @@ def sweep(
             **step_args,
         )
         step["held"] = held(step, p99_target_ms)
+        step["sustained"] = held(step, stop_p99_ms)
         steps.append(step)
         if progress is not None:
             progress(step_line(name, step))
-        failures = 0 if step["held"] else failures + 1
-        if failures >= stop_after or severe(step, p99_target_ms):
+        failures = 0 if step["sustained"] else failures + 1
+        if failures >= stop_after or severe(step):
             break
-    best = max((s["offered_rate"] for s in steps if s["held"]), default=None)
+        settle(step)
     return {
         "candidates": candidates,
         "p99_target_ms": p99_target_ms,
-        "highest_rate_held": best,
+        "stop_p99_ms": stop_p99_ms,
+        "highest_rate_held": max((s["offered_rate"] for s in steps if s["held"]), default=None),
+        "highest_rate_sustained": max(
+            (s["offered_rate"] for s in steps if s["sustained"]), default=None
+        ),
         "warmup": warmup,
         "steps": steps,
     }
+
+
+def _settle_after_timeouts(step: dict, timeout_s: float | None) -> None:
+    if step["errors"].get(TIMEOUT):
+        time.sleep(min(timeout_s or SETTLE_MAX_S, SETTLE_MAX_S))
 
 
 def step_line(name: str, step: dict) -> str:
