@@ -69,3 +69,18 @@ lint: install
 
 clean:
 	rm -rf $(ARTIFACTS) .cache .pytest_cache
+
+# make bench [DATA=<catalogue dir>]: the service (1 and 2 workers) and a naive baseline under the
+# same open-loop load (full catalogue by default; builds or reuses its artifacts, publishes its
+# features to Redis under their own prefix) -> $(ARTIFACTS)/bench/report.{json,md}, latency.png.
+BENCH_DATA ?= $(if $(filter file,$(origin DATA)),../shared/data/fashion,$(DATA))
+BENCH_REDIS_URL ?= $(or $(strip $(REDIS_URL)),redis://127.0.0.1:6379/0)
+BENCH_ARGS ?=
+.PHONY: bench
+bench: install
+	@test -f "$(BENCH_DATA)/products.csv" || { echo "make bench: no catalogue at $(BENCH_DATA)" \
+	  "(no products.csv): pass the catalogue directory, e.g. make bench DATA=../shared/data/fashion" >&2; \
+	  exit 2; }
+	@bash .ci/ensure-tools
+	$(BIN)/python -m loadtest.bench --data $(BENCH_DATA) --artifacts $(ARTIFACTS) \
+	  --redis-url $(BENCH_REDIS_URL) $(BENCH_ARGS)
