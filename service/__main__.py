@@ -37,6 +37,9 @@ def main() -> None:
         lifespan="on",
         access_log=settings.access_log,
         log_level=settings.log_level,
+        # SIGTERM: stop accepting, let in-flight requests finish (at most this long), then
+        # run the lifespan's shutdown.
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
 
 

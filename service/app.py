@@ -5,6 +5,12 @@ in the background: /healthz answers at once, /readyz turns 200 once the model, t
 every batch shape are warm and the feature store answers with the model's feature version. A
 model that cannot load leaves the process serving /healthz, /metrics and a /readyz 503 naming
 the reason.
+
+Faults and overload: at most ``max_in_flight`` requests are served at once (service.limits);
+a /rank that runs past ``request_timeout_s`` is answered 503; every 503 carries Retry-After
+and a JSON reason. ``POST /admin/reload`` (service.admin) swaps the model without downtime:
+each request leases the pipeline it starts with, and a replaced pipeline closes once its last
+request has finished.
 """
 
 # No `from __future__ import annotations`: the routes' Annotated dependencies are closures,
@@ -13,19 +19,31 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Annotated
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import pages
-from service.errors import FeatureStoreError, FusionRankError, ServiceNotReady
+from service.admin import admin_router
+from service.errors import (
+    DeadlineExceeded,
+    FeatureStoreError,
+    FusionRankError,
+    ModelRejected,
+    ServiceNotReady,
+)
 from service.features import FeatureStore, open_feature_store
+from service.limits import InFlightLimit
+from service.manifest import Manifest, load_manifest, resolve_version_dir
 from service.metrics import CONTENT_TYPE, OTHER_ROUTE, ServiceMetrics
 from service.pipeline import Pipeline
 from service.schemas import (
@@ -44,6 +62,17 @@ log = logging.getLogger("service")
 JSON = "application/json"
 
 
+@dataclass(frozen=True)
+class Swap:
+    """What one model reload did."""
+
+    model_version: str
+    previous_version: str | None
+    features_version: str
+    load_seconds: float
+    drained: bool  # the previous model's in-flight requests all finished on it
+
+
 class Runtime:
     """The loaded state of one app: the pipeline once it is ready, or why it is not."""
 
@@ -58,6 +87,9 @@ class Runtime:
         self._store = store
         self._owns_store = store is None
         self._task: asyncio.Task[None] | None = None
+        self._users: Counter[Pipeline] = Counter()  # requests in flight on each pipeline
+        self._idle: dict[Pipeline, asyncio.Event] = {}  # replaced pipelines, set when unused
+        self._reloading = asyncio.Lock()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._load(), name="load-model")
@@ -95,6 +127,101 @@ class Runtime:
             raise ServiceNotReady(f"not ready: {self.problem}")
         return self.pipeline
 
+    @contextmanager
+    def lease(self) -> Iterator[Pipeline]:
+        """The current pipeline, kept open until the block ends even if a reload replaces it."""
+        pipeline = self.require_pipeline()
+        self._users[pipeline] += 1
+        try:
+            yield pipeline
+        finally:
+            self._users[pipeline] -= 1
+            if self._users[pipeline] == 0:
+                del self._users[pipeline]
+                if pipeline in self._idle:
+                    self._idle[pipeline].set()
+
+    async def reload(self, version: str | None) -> Swap:
+        """Load ``version`` (default: the one models/CURRENT names) beside the current model,
+        warm it, switch to it atomically, then close the old one once its last request is done.
+
+        Refused (ModelRejected; the old model keeps serving) when the version's features are
+        not the ones the feature store serves: a model reads item features of the export it
+        came from, so a retrained model needs its features published first. Raises
+        ArtifactError for a missing or broken version, FeatureStoreError when the store is down.
+        """
+        if self._task is not None and not self._task.done():
+            raise ServiceNotReady("not ready: the start-up model is still loading")
+        async with self._reloading:
+            started = time.perf_counter()
+            settings = self.settings
+            version_dir = await asyncio.to_thread(resolve_version_dir, settings.models_dir, version)
+            manifest = await asyncio.to_thread(load_manifest, version_dir)
+            old = self.pipeline
+            if old is not None and old.version == manifest.version:
+                return Swap(old.version, old.version, old.fetcher.version, 0.0, True)
+            await asyncio.to_thread(self._check_features, manifest)
+            new = await Pipeline.load(
+                settings.model_copy(update={"model_version": manifest.version}),
+                self._store,
+                self.metrics,
+            )
+            seconds = time.perf_counter() - started
+            # The switch: one assignment on the event loop. Requests that leased the old
+            # pipeline finish on it; every later request gets the new one.
+            self.pipeline, self.problem = new, ""
+            if old is not None:
+                self.metrics.model_info.labels(
+                    old.version, old.manifest.strategy, old.provider
+                ).set(0)
+            self.metrics.model_loaded(new.version, new.manifest.strategy, new.provider)
+            log.info(
+                "model %s replaced %s (loaded in %.2f s)", new.version, old and old.version, seconds
+            )
+            drained = True
+            if old is not None:
+                drained = await self._retire(old, timeout_s=settings.shutdown_timeout_s)
+            gc.collect()
+            gc.freeze()
+            return Swap(new.version, old and old.version, new.fetcher.version, seconds, drained)
+
+    def _check_features(self, manifest: Manifest) -> None:
+        """Refuse a model whose features are not the published ones (blocking: a thread)."""
+        store, version = self._store, manifest.version
+        assert store is not None
+        published = store.current_version()
+        if published != manifest.features_version:
+            raise ModelRejected(
+                f"model {version} was exported with features {manifest.features_version}, the "
+                f"feature store serves {published}: publish that model's features first "
+                f"(python -m export); still serving the previous model"
+            )
+        layout = store.layout()
+        if layout != manifest.layout:
+            raise ModelRejected(
+                f"model {version} reads features laid out as {manifest.layout}, the published "
+                f"features {published} are {layout}; still serving the previous model"
+            )
+
+    async def _retire(self, old: Pipeline, timeout_s: float) -> bool:
+        """Close ``old`` once no request uses it (or after ``timeout_s``); True if drained."""
+        idle = self._idle.setdefault(old, asyncio.Event())
+        if self._users[old] == 0:
+            self._users.pop(old, None)
+            idle.set()
+        try:
+            await asyncio.wait_for(idle.wait(), timeout_s)
+            drained = True
+        except TimeoutError:
+            log.warning(
+                "model %s still had requests after %.0f s: closing it", old.version, timeout_s
+            )
+            drained = False
+        finally:
+            self._idle.pop(old, None)
+        await old.close()
+        return drained
+
     async def readiness(self) -> ReadinessResponse:
         pipeline = self.pipeline
         if pipeline is None:
@@ -106,10 +233,14 @@ class Runtime:
             execution_provider=pipeline.provider,
             features_version=pipeline.fetcher.version,
         )
+        timeout_s = 2 * self.settings.feature_timeout_s  # check() makes two round trips
         try:
-            await asyncio.to_thread(pipeline.fetcher.check)
+            await asyncio.wait_for(asyncio.to_thread(pipeline.fetcher.check), timeout_s)
         except FeatureStoreError as exc:
             return status.model_copy(update={"ready": False, "detail": f"feature store: {exc}"})
+        except TimeoutError:
+            detail = f"feature store: no answer within {timeout_s:g} s"
+            return status.model_copy(update={"ready": False, "detail": detail})
         return status
 
     async def close(self) -> None:
@@ -118,6 +249,8 @@ class Runtime:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.pipeline is not None:
             await self.pipeline.close()
+        for retired in list(self._idle):  # replaced models still draining
+            await retired.close()
         if self._owns_store and self._store is not None:
             self._store.close()
 
@@ -195,8 +328,9 @@ def create_app(
             raise ServiceNotReady("not ready: starting")
         return current
 
-    async def pipeline(current: Annotated[Runtime, Depends(runtime)]) -> Pipeline:
-        return current.require_pipeline()
+    async def pipeline(current: Annotated[Runtime, Depends(runtime)]) -> AsyncIterator[Pipeline]:
+        with current.lease() as leased:  # a model reload waits for this request to finish
+            yield leased
 
     @app.post(
         "/rank",
@@ -205,7 +339,11 @@ def create_app(
             200: {"model": RankResponse, "description": "Items by score, best first."},
             413: {"model": ErrorResponse, "description": "Request body too large."},
             422: {"model": ValidationErrorResponse, "description": "Invalid body."},
-            503: {"model": ErrorResponse, "description": "Not ready, or a dependency is down."},
+            503: {
+                "model": ErrorResponse,
+                "description": "Not ready, a dependency is down or slow, or overloaded; "
+                "with Retry-After.",
+            },
         },
         openapi_extra={
             "requestBody": {
@@ -220,7 +358,15 @@ def create_app(
         body: Annotated[RankRequest, Depends(rank_request)],
         ranker: Annotated[Pipeline, Depends(pipeline)],
     ) -> Response:
-        return Response(await ranker.rank(body), media_type=JSON)
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                ranked = await ranker.rank(body)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no answer within request_timeout_s = {settings.request_timeout_s:g} s: a "
+                "dependency is slow or the service is overloaded"
+            ) from None
+        return Response(ranked, media_type=JSON)
 
     @app.get("/healthz", summary="200 while the process serves.")
     async def healthz() -> Response:
@@ -241,7 +387,7 @@ def create_app(
             status.model_dump_json(), status_code=200 if status.ready else 503, media_type=JSON
         )
 
-    @app.get("/metrics", summary="Prometheus text format.")
+    @app.get("/metrics", summary="Prometheus text format.", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -253,10 +399,23 @@ def create_app(
         ]
         return Response(orjson.dumps({"detail": detail}), status_code=422, media_type=JSON)
 
+    retry_after = {"retry-after": str(settings.retry_after_s)}
+
     @app.exception_handler(FeatureStoreError)
     @app.exception_handler(ServiceNotReady)
+    @app.exception_handler(DeadlineExceeded)
     async def unavailable(request: Request, exc: FusionRankError) -> Response:
-        return Response(orjson.dumps({"detail": str(exc)}), status_code=503, media_type=JSON)
+        return Response(
+            orjson.dumps({"detail": str(exc)}),
+            status_code=503,
+            media_type=JSON,
+            headers=retry_after,
+        )
+
+    # Inside the metrics middleware, so refused requests are counted.
+    app.add_middleware(
+        InFlightLimit, limit=settings.max_in_flight, retry_after_s=settings.retry_after_s
+    )
 
     app.add_middleware(
         HTTPMetricsMiddleware, metrics=metrics, routes=[route.path for route in app.routes]
@@ -264,6 +423,8 @@ def create_app(
     # The search page and /items (service/pages.py); after the metrics' route list, which
     # holds only routes with a path (they count under "other").
     app.include_router(pages.router)
+    if settings.admin_token is not None:  # POST /admin/reload (service/admin.py), same place
+        app.include_router(admin_router(settings.admin_token))
     return app
 
 

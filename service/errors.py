@@ -11,9 +11,12 @@ can catch the whole family with one clause and the service can map families to H
     │   └── FeatureVersionMismatch   the store serves features of another model export
     ├── CatalogueError               offline: malformed catalogue (names file and row)
     ├── ArtifactError                missing or invalid model artifacts
-    │   └── ExportParityError        offline: an exported graph disagrees with PyTorch
+    │   ├── ExportParityError        offline: an exported graph disagrees with PyTorch
+    │   └── ModelRejected            a reload refused a version (features it cannot read)
     ├── DeviceUnavailable            settings ask for CUDA but onnxruntime cannot use it
-    └── ServiceNotReady              the service is loading, failed to load, or shutting down
+    ├── ServiceNotReady              the service is loading, failed to load, or shutting down
+    ├── Overloaded                   too many requests in flight: refused at once (503)
+    └── DeadlineExceeded             a request ran past request_timeout_s (503)
 
 Add new classes here, under the narrowest fitting parent, with a one-line docstring.
 """
@@ -55,9 +58,21 @@ class ExportParityError(ArtifactError):
     """An exported ONNX graph's outputs differ from PyTorch's beyond the stated tolerance."""
 
 
+class ModelRejected(ArtifactError):
+    """A reload refused a model version (e.g. its features are not the published ones)."""
+
+
 class DeviceUnavailable(FusionRankError):
     """The settings ask for an execution device (CUDA) that onnxruntime cannot use here."""
 
 
 class ServiceNotReady(FusionRankError):
     """The service cannot score yet (loading, failed to load, or shutting down): 503."""
+
+
+class Overloaded(FusionRankError):
+    """Too many requests in flight: refused at once with 503 and Retry-After, never queued."""
+
+
+class DeadlineExceeded(FusionRankError):
+    """A request ran past request_timeout_s (a slow dependency): 503 and Retry-After."""

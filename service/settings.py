@@ -6,15 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.schemas import RequestLimits
 
+MIN_TOKEN_CHARS = 32
+MIN_TOKEN_DISTINCT_CHARS = 10
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="FUSIONRANK_", extra="forbid", frozen=True, use_attribute_docstrings=True
+        env_prefix="FUSIONRANK_",
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        hide_input_in_errors=True,  # errors never echo a secret (admin_token, redis_url)
     )
 
     # -- artifacts and feature store -------------------------------------------------------
@@ -61,8 +68,52 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     """Larger request bodies are refused with 413 before they are read whole."""
 
+    # -- faults and overload -------------------------------------------------------------
+    request_timeout_s: float = Field(1.0, gt=0, le=60)
+    """Longest a /rank request may take; past it the answer is 503 with the reason (a slow
+    feature store, say) instead of a client left waiting."""
+    max_in_flight: int = Field(16, ge=1, le=100_000)
+    """Requests served at once per worker (probes, /metrics and /admin excepted); more are
+    refused at once with 503 and Retry-After, never queued. Size it as sustainable req/s x
+    latency target (e.g. 50 req/s x 0.3 s = 16 on two cores)."""
+    retry_after_s: int = Field(1, ge=0, le=3600)
+    """The Retry-After header of every 503 (overload, dependency down, not ready)."""
+    shutdown_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """On SIGTERM, how long in-flight requests may take to finish before the process exits."""
+    admin_token: SecretStr | None = None
+    """Bearer token of the /admin routes (POST /admin/reload); unset: no admin routes. At
+    least 32 characters of at least 10 distinct ones, e.g. `python -c "import secrets;
+    print(secrets.token_urlsafe(32))"`: the service refuses to start with a weaker one."""
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # compose passes an unset variable as ""
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is None:
+            return None
+        text = token.get_secret_value()
+        if len(text) < MIN_TOKEN_CHARS or len(set(text)) < MIN_TOKEN_DISTINCT_CHARS:
+            # The message never echoes the token.
+            raise ValueError(
+                f"admin_token is weak: use at least {MIN_TOKEN_CHARS} characters of at least "
+                f"{MIN_TOKEN_DISTINCT_CHARS} distinct ones (secrets.token_urlsafe(32))"
+            )
+        if any(ch.isspace() or not ch.isprintable() for ch in text):
+            raise ValueError("admin_token must be printable, without spaces")
+        return token
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.admin_token is not None and self.workers > 1:
+            # Each worker holds its own model: a reload reaches only the worker that answers.
+            raise ValueError(
+                "admin_token needs workers = 1 (a reload reaches one worker only): scale "
+                "with replicas, or leave admin_token unset"
+            )
         if self.default_top_k > self.max_top_k:
             raise ValueError(f"default_top_k {self.default_top_k} > max_top_k {self.max_top_k}")
         if self.default_retrieve_k > self.max_retrieve_k:

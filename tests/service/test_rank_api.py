@@ -209,8 +209,8 @@ async def test_unknown_ids_are_listed_as_missing_and_skipped(
 async def test_many_concurrent_requests_are_batched_and_score_as_alone(
     serve: ServeApp, sample_artifacts: Path, reference: Reference
 ) -> None:
-    # A long wait, so that requests arriving together surely share runs.
-    settings = Settings(artifacts_dir=sample_artifacts, batch_max_wait_us=50_000)
+    # A long wait, so that requests arriving together surely share runs; all 35 admitted.
+    settings = Settings(artifacts_dir=sample_artifacts, batch_max_wait_us=50_000, max_in_flight=64)
     app = create_app(settings)
     queries = ["red tshirt", "black watch", "women heels", "men sports shoes", "blue shirt"]
     bodies = []
