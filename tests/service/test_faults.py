@@ -166,7 +166,7 @@ def test_overload_is_refused_at_once_with_retry_after(
         if o.status == 503
     )
     assert max(admitted) < 2 + SLACK_S  # no admitted request ran into the deadline
-    assert refused[len(refused) // 2] < 0.25  # refused at once, not queued
+    assert refused[len(refused) // 2] < 0.5  # refused at once, not queued (loaded CI margin)
     assert probes == [200] * rounds
     refused_line = 'fusionrank_http_requests_total{method="POST",route="/rank",status="503"}'
     assert f"{refused_line} {float(len(refused))}" in metrics
