@@ -75,7 +75,7 @@ def test_compose_config_validates() -> None:
         assert done.returncode == 0, done.stderr
         resolved = yaml.safe_load(done.stdout)
         # (docker-compose 1.x lists profiled services whether or not their profile is on)
-        assert {"redis", "artifacts", "service", "service-gpu"} <= set(resolved["services"])
+        assert {"redis", "artifacts", "service", "lb", "service-gpu"} <= set(resolved["services"])
         assert resolved["services"]["service"]["environment"]["FUSIONRANK_WORKERS"] == "1"
 
 
@@ -110,7 +110,12 @@ def test_compose_wiring() -> None:
         "redis": {"condition": "service_healthy"},
         "artifacts": {"condition": "service_completed_successfully"},
     }
-    assert service["ports"] == ["${PORT:-8000}:8000"]
+    # replicas behind nginx: no host port of their own; lb publishes :8000 (deploy/nginx.conf).
+    assert "ports" not in service and service["deploy"]["replicas"] == "${REPLICAS:-2}"
+    lb = services["lb"]
+    assert lb["ports"] == ["${PORT:-8000}:8080"]
+    assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in lb["volumes"]
+    assert lb["depends_on"] == {"service": {"condition": "service_healthy"}}
     assert "artifacts:/artifacts:ro" in service["volumes"]
     assert all(key.startswith("FUSIONRANK_") for key in service["environment"])
     assert service["build"]["target"] == "cpu"
