@@ -83,6 +83,12 @@ def test_settings_come_from_the_configmap_and_validate(
     assert str(settings.artifacts_dir) in {m["mountPath"] for m in container["volumeMounts"]}
     if settings.redis_url and settings.redis_url.startswith("redis+cluster://"):
         assert len(parse_cluster_url(settings.redis_url)[0]) >= 1
+    assert settings.admin_token is None  # a secret: never in a ConfigMap
+
+    # SIGTERM comes after preStop; the pod must get to drain before SIGKILL.
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pause + settings.shutdown_timeout_s
 
 
 def test_selectors_match_the_pod_labels(
