@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -34,8 +36,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import redis
+
 from loadtest.openloop import Target, print_progress
-from loadtest.runner import get, post_json, prime, sweep
+from loadtest.runner import get, post_json, prime, scrape, service_stages, sweep
 from loadtest.workload import REPO, Workload, default_query_files
 
 DEFAULT_PREFIX = "fusionrank-bench"
@@ -155,17 +159,26 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of every process in the server's group (its workers too)."""
+        return sum(self.cpu_by_thread().values())
+
+    def cpu_by_thread(self) -> dict[str, float]:
+        """CPU seconds of the server's group: its processes' main threads (the event loops)
+        and all their other threads (thread pools, the inference thread, onnxruntime)."""
+        out = {"main": 0.0, "other": 0.0}
         if self._process is None:
-            return 0.0
-        total = 0
+            return out
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError, IndexError, ValueError):
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == self._process.pid:  # pgrp: the session this run made
-                    total += int(fields[11]) + int(fields[12])
-        return total / CLOCK_TICKS
+                if int(fields[2]) != self._process.pid:  # pgrp: the session this run made
+                    continue
+                for task in (entry / "task").iterdir():
+                    stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    kind = "main" if task.name == entry.name else "other"
+                    out[kind] += (int(stat[11]) + int(stat[12])) / CLOCK_TICKS
+        return out
 
     def settle(self, window_s: float = 0.5, idle: float = 0.1, max_s: float = 30.0) -> None:
         """Wait until the server uses under ``idle`` of a core (work left over from a step
@@ -262,6 +275,62 @@ def parity(service: Target, naive: Target, workload: Workload, queries: int = 8)
     }
 
 
+def cpu_profile(
+    server: Server, workload: Workload, redis_url: str, requests: int = 300
+) -> dict[str, dict]:
+    """One request at a time (closed loop, no queueing) per scenario: the client's latency,
+    the server's CPU per request on its event loop and on its other threads, and Redis's CPU
+    per request (INFO cpu), next to the server's own stage timings."""
+    client = redis.Redis.from_url(redis_url)
+    out = {}
+    try:
+        for name, candidates, *_ in SCENARIOS:
+            rng = random.Random(1)
+            bodies, _ = workload.bodies(requests, candidates, rng)
+            for body in bodies[:20]:
+                post_json(server.target, "/rank", body)
+            before, metrics = server.cpu_by_thread(), scrape(server.target)
+            redis_before = _redis_cpu(client)
+            latencies = []
+            connection = http.client.HTTPConnection(server.target.host, server.target.port)
+            try:
+                for body in bodies:
+                    started = time.perf_counter()
+                    connection.request(
+                        "POST", "/rank", body=body, headers={"content-type": "application/json"}
+                    )
+                    response = connection.getresponse()
+                    response.read()
+                    latencies.append((time.perf_counter() - started) * 1000)
+            finally:
+                connection.close()
+            after = server.cpu_by_thread()
+            stages = service_stages(metrics, scrape(server.target)) if metrics else {}
+            latencies.sort()
+            out[name] = {
+                "requests": requests,
+                "client_p50_ms": round(latencies[len(latencies) // 2], 2),
+                "event_loop_cpu_ms": round((after["main"] - before["main"]) * 1000 / requests, 2),
+                "other_threads_cpu_ms": round(
+                    (after["other"] - before["other"]) * 1000 / requests, 2
+                ),
+                "redis_cpu_ms": round((_redis_cpu(client) - redis_before) * 1000 / requests, 2),
+                "stages_mean_ms": {
+                    k: v["mean"] for k, v in (stages.get("stages_ms") or {}).items()
+                },
+                "query_cache_hit_rate": stages.get("query_cache_hit_rate"),
+                "loadavg": round(os.getloadavg()[0], 2),
+            }
+    finally:
+        client.close()
+    return out
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def run_sweeps(
     server: Server, workload: Workload, args: argparse.Namespace, naive: bool
 ) -> dict[str, dict]:
@@ -321,12 +390,14 @@ def main(argv: list[str] | None = None) -> None:
                 service.target, workload, PRIME_QUERIES, repeat=workers, progress=print_progress
             )
             service.settle()
+            profile = cpu_profile(service, workload, args.redis_url) if workers == 1 else None
             runs[f"service-{workers}w"] = {
                 "server": "service",
                 "workers": workers,
                 "ready": service.ready,
                 "start_seconds": round(service.start_seconds, 1),
                 "priming": {k: primed.get(k) for k in ("requests", "ok", "errors")},
+                "cpu_profile": profile,
                 "sweeps": run_sweeps(service, workload, args, naive=False),
             }
             if workers == 1:
@@ -576,6 +647,7 @@ def markdown(report: dict) -> str:
                 )
             out.append("")
     out += stage_tables(runs)
+    out += cpu_table(runs)
     return "\n".join(out) + "\n"
 
 
@@ -616,6 +688,36 @@ def stage_tables(runs: dict[str, dict]) -> list[str]:
                 f"{_fmt(svc['mean_rows_per_batch'], 0)} | "
                 f"{_fmt(svc['mean_requests_per_batch'], 2)} |"
             )
+    return out + [""]
+
+
+def cpu_table(runs: dict[str, dict]) -> list[str]:
+    """Where one request's time and CPU go, measured with no queueing (one at a time)."""
+    profile = (runs.get("service-1w") or {}).get("cpu_profile")
+    if not profile:
+        return []
+    out = [
+        "## Where one request's CPU goes (service, 1 worker, one request at a time)",
+        "",
+        "CPU per request read from /proc for the service's threads and from Redis's INFO cpu "
+        "over 300 sequential requests after warm-up: the *event loop* runs HTTP, FastAPI, "
+        "request parsing and the pipeline's bookkeeping; the *other threads* run the Redis "
+        "client (fetch), FAISS, the query encoder, and the batcher with onnxruntime. The stage "
+        "means come from /metrics over the same requests.",
+        "",
+        "| scenario | client p50 ms | event loop CPU | other threads CPU | Redis CPU | total CPU "
+        "ms/request | stage means (ms) | cache hits | load 1m |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, row in profile.items():
+        total = row["event_loop_cpu_ms"] + row["other_threads_cpu_ms"] + row["redis_cpu_ms"]
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in row["stages_mean_ms"].items())
+        hit = row["query_cache_hit_rate"]
+        out.append(
+            f"| {name} | {row['client_p50_ms']:.2f} | {row['event_loop_cpu_ms']:.2f} | "
+            f"{row['other_threads_cpu_ms']:.2f} | {row['redis_cpu_ms']:.2f} | {total:.2f} | "
+            f"{stages} | {'–' if hit is None else f'{hit:.0%}'} | {row['loadavg']:.2f} |"
+        )
     return out + [""]
 
 

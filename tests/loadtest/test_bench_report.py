@@ -69,7 +69,24 @@ def runs() -> dict:
         )
     }
     return {
-        "service-1w": {"server": "service", "workers": 1, "ready": {}, "sweeps": service},
+        "service-1w": {
+            "server": "service",
+            "workers": 1,
+            "ready": {},
+            "sweeps": service,
+            "cpu_profile": {
+                "1,000 given": {
+                    "requests": 300,
+                    "client_p50_ms": 10.5,
+                    "event_loop_cpu_ms": 3.0,
+                    "other_threads_cpu_ms": 5.0,
+                    "redis_cpu_ms": 1.5,
+                    "stages_mean_ms": {"fetch": 3.0, "score": 4.0},
+                    "query_cache_hit_rate": 1.0,
+                    "loadavg": 0.5,
+                }
+            },
+        },
         "naive-1w": {"server": "naive", "workers": 1, "ready": {}, "sweeps": naive},
     }
 
@@ -124,3 +141,4 @@ def test_markdown_report_and_plot(runs: dict, tmp_path: Path) -> None:
     assert "16/16 top-10 lists identical" in text
     assert "Load average** (1/5/15 min) at start 0.5/0.5/0.5" in text
     assert "## Service stages from /metrics" in text
+    assert "| 1,000 given | 10.50 | 3.00 | 5.00 | 1.50 | 9.50 | fetch 3.00, score 4.00 |" in text
