@@ -91,6 +91,16 @@ class ServiceMetrics:
         self.cache_misses = Counter(
             "fusionrank_query_cache_misses", "Queries encoded by the model.", registry=r
         )
+        self.feature_cache_hits = Counter(
+            "fusionrank_feature_cache_hits",
+            "Candidate feature rows served from the in-process cache.",
+            registry=r,
+        )
+        self.feature_cache_misses = Counter(
+            "fusionrank_feature_cache_misses",
+            "Candidate feature rows asked of the feature store.",
+            registry=r,
+        )
         self.missing_ids = Counter(
             "fusionrank_missing_ids",
             "Candidate ids the feature store did not know (skipped).",
@@ -137,6 +147,12 @@ class ServiceMetrics:
         self._releases[reason].inc()
         for wait in queue_waits:
             self.batch_queue_wait.observe(wait)
+
+    def feature_cache(self, *, hits: int, misses: int) -> None:
+        if hits:
+            self.feature_cache_hits.inc(hits)
+        if misses:
+            self.feature_cache_misses.inc(misses)
 
     def model_loaded(self, version: str, strategy: str, provider: str) -> None:
         self.model_info.labels(version, strategy, provider).set(1)

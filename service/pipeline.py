@@ -1,11 +1,13 @@
 """The request path, composed from the stages of one loaded model version.
 
     query -> encode (LRU cache) -> candidates (given, or FAISS top retrieve_k)
-          -> one feature store round trip -> batched scoring -> top_k
+          -> features (in-process cache, the rest in one feature store round trip)
+          -> batched scoring -> top_k
 
 Blocking work runs off the event loop: the query encoder, FAISS and the feature store on
-worker threads (``asyncio.to_thread``), scoring on the batcher's inference thread. With given
-candidates and a cache miss, encoding and fetching overlap on two threads.
+worker threads (``asyncio.to_thread``), scoring on the batcher's inference thread; cache
+probes run on the loop. With given candidates and both caches missing, encoding and fetching
+overlap on two threads.
 """
 
 from __future__ import annotations
@@ -88,7 +90,13 @@ class Pipeline:
             observer=metrics,
         )
         manifest = stages.manifest
-        fetcher = FeatureFetcher(store, manifest.layout, manifest.features_version)
+        fetcher = FeatureFetcher(
+            store,
+            manifest.layout,
+            manifest.features_version,
+            cache_items=settings.feature_cache_items,
+            observer=metrics,
+        )
         pipeline = cls(
             manifest, stages.encoder, stages.retriever, fetcher, scorer, batcher, metrics
         )
@@ -139,7 +147,11 @@ class Pipeline:
 
         if request.candidate_ids is not None:
             ids = request.candidate_ids
-            if encoded is None:
+            batch = self._cached(ids)
+            if batch is not None:
+                if encoded is None:
+                    encoded = await asyncio.to_thread(self._encode, request.query)
+            elif encoded is None:
                 encoded, batch = await asyncio.gather(
                     asyncio.to_thread(self._encode, request.query),
                     asyncio.to_thread(self._fetch, ids),
@@ -177,6 +189,13 @@ class Pipeline:
     def _encode(self, query: str) -> EncodedQuery:
         with self._metrics.stage("encode"):
             return self.encoder.encode(query)
+
+    def _cached(self, ids: list[str]) -> FeatureBatch | None:
+        started = time.perf_counter()
+        batch = self.fetcher.cached(ids)
+        if batch is not None:
+            self._metrics.observe_stage("fetch", time.perf_counter() - started)
+        return batch
 
     def _fetch(self, ids: list[str]) -> FeatureBatch:
         with self._metrics.stage("fetch"):

@@ -1,33 +1,88 @@
-"""Candidate features from the feature store, in one round trip for all candidates.
+"""Candidate features: from the in-process cache, the rest in one store round trip.
 
 in:  ids: list[str]
 out: FeatureBatch(matrix float16 [n_found, text_dims + image_dims], found int64 [n_found],
      missing list[str]) from the store version the model was exported with
 
+``cached`` is the cheap probe the event loop may call (a batch when every id is cached);
 ``fetch`` and ``check`` are blocking (Redis or the file system): call them off the event loop.
+Only rows of the model's own feature version enter the cache (stages.feature_cache), so a
+request served from it ranks exactly as one served from the store. Ids the store does not
+know are not cached: they are asked for again, in case a later version has them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from service.errors import FeatureStoreError, FeatureVersionMismatch, NoPublishedVersion
 from service.features import FeatureBatch, FeatureLayout, FeatureStore
+from service.stages.feature_cache import FeatureCache
+
+
+class CacheObserver(Protocol):
+    def feature_cache(self, *, hits: int, misses: int) -> None: ...
 
 
 class FeatureFetcher:
-    def __init__(self, store: FeatureStore, layout: FeatureLayout, version: str) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        layout: FeatureLayout,
+        version: str,
+        *,
+        cache_items: int = 0,
+        observer: CacheObserver | None = None,
+    ) -> None:
         self._store = store
         self._layout = layout
         self._version = version  # the manifest's features_version
+        self._cache = FeatureCache(cache_items, layout.dims) if cache_items else None
+        self._observer = observer
 
     @property
     def version(self) -> str:
         return self._version
 
+    def cached(self, ids: Sequence[str]) -> FeatureBatch | None:
+        """The batch of ``ids`` when the cache holds every one of them, else None (cheap)."""
+        if self._cache is None:
+            return None
+        probe = self._cache.probe(ids)
+        if len(probe.miss_positions):
+            return None
+        self._observe(len(ids), 0)
+        return FeatureBatch(self._version, self._layout, probe.rows, probe.hit_positions)
+
     def fetch(self, ids: Sequence[str]) -> FeatureBatch:
+        """The features of ``ids``: cached rows, the rest from the store (blocking)."""
+        if self._cache is None:
+            return self._fetch_from_store(ids)
+        probe = self._cache.probe(ids)
+        self._observe(len(probe.hit_positions), len(probe.miss_positions))
+        if not len(probe.miss_positions):
+            return FeatureBatch(self._version, self._layout, probe.rows, probe.hit_positions)
+        fetched = self._fetch_from_store([ids[p] for p in probe.miss_positions])
+        fetched_positions = probe.miss_positions[fetched.found]
+        self._cache.insert([ids[p] for p in fetched_positions], fetched.matrix)
+        if not len(probe.hit_positions):
+            fetched.found = fetched_positions
+            return fetched
+        # Cached and fetched rows merged back into request order (ties rank by position).
+        found = np.union1d(probe.hit_positions, fetched_positions)
+        matrix = np.empty((len(found), self._layout.dims), dtype=fetched.matrix.dtype)
+        matrix[np.searchsorted(found, probe.hit_positions)] = probe.rows
+        matrix[np.searchsorted(found, fetched_positions)] = fetched.matrix
+        return FeatureBatch(self._version, self._layout, matrix, found, fetched.missing)
+
+    def _observe(self, hits: int, misses: int) -> None:
+        if self._observer is not None:
+            self._observer.feature_cache(hits=hits, misses=misses)
+
+    def _fetch_from_store(self, ids: Sequence[str]) -> FeatureBatch:
         batch = self._store.fetch(ids)
         if batch.version != self._version:
             raise self._mismatch(batch.version)

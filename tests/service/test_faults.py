@@ -51,6 +51,9 @@ def test_redis_hung_then_down_is_503_within_the_timeout_and_recovers(
             "FUSIONRANK_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
             "FUSIONRANK_FEATURE_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
             "FUSIONRANK_MAX_IN_FLIGHT": "64",  # overload is another test
+            # Every request must need Redis: the feature cache would answer the load's
+            # repeated candidates without it (test_feature_cache covers that behaviour).
+            "FUSIONRANK_FEATURE_CACHE_ITEMS": "0",
         }
         with (
             running_service(tmp_path / "service.log", **env) as service,
