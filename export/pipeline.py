@@ -51,7 +51,9 @@ from models.ranker import FusedRanker
 from service.features import FeatureLayout, FeatureStore, open_feature_store
 from service.manifest import CURRENT_FILE, Manifest, write_manifest
 
-EXPORT_FORMAT = 2  # 2: query share of the first layers computed once per query
+# 2: query share of the first layers computed once per query; 3: int8 query encoder beside
+# the float32 one
+EXPORT_FORMAT = 3
 
 
 @dataclass

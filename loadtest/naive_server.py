@@ -3,9 +3,9 @@
     FUSIONRANK_ARTIFACTS_DIR=artifacts FUSIONRANK_REDIS_URL=redis://127.0.0.1:6379/0 \\
     FUSIONRANK_REDIS_PREFIX=fusionrank-bench FUSIONRANK_PORT=8100 python -m loadtest.naive_server
 
-Same ONNX graphs (query encoder, fp32 ranker), tokenizer, FAISS index, Redis keys and
-onnxruntime session options as the service (one intra-op thread, full graph optimisation), and
-the same answers, written the obvious way:
+Same ONNX graphs (the query encoder the service runs, fp32 ranker), tokenizer, FAISS index,
+Redis keys and onnxruntime session options as the service (one intra-op thread, full graph
+optimisation), and the same answers, written the obvious way:
 
 - a plain FastAPI route (``def``: runs on the thread pool), the body parsed by FastAPI into a
   pydantic model and the answer returned as a dict (FastAPI's jsonable_encoder path);
@@ -65,7 +65,11 @@ def create_app() -> FastAPI:
     tokenizer = Tokenizer.from_file(str(version_dir / manifest.tokenizer_file))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=manifest.max_tokens)
-    encoder = _session(manifest.path(version_dir, "query_encoder"), threads)
+    # The query encoder the service runs on CPU (service.stages.query_encoder), so the two
+    # answer alike and differ only in how they batch and fetch.
+    int8 = os.environ.get("FUSIONRANK_QUERY_ENCODER_INT8", "true").lower() not in ("0", "false")
+    graph = "query_encoder_int8" if int8 and "query_encoder_int8" in manifest.graphs else ""
+    encoder = _session(manifest.path(version_dir, graph or "query_encoder"), threads)
     ranker = _session(manifest.path(version_dir, "ranker"), threads)
     faiss.omp_set_num_threads(threads)
     index = faiss.read_index(str(version_dir / manifest.index.file))

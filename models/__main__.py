@@ -1,6 +1,7 @@
 """Offline commands.
 
 python -m models eval --data DIR [--out artifacts]   train all strategies, write the report
+python -m models precision-cost --data DIR [--out artifacts]   float16 / int8 serving cost
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ def main() -> None:
     )
     ev.add_argument("--data", type=Path, default=Path("data/sample"), help="catalogue directory")
     ev.add_argument("--out", type=Path, default=Path("artifacts"), help="artifacts directory")
-    cost = sub.add_parser("storage-cost", help="ranking quality with float16 vs float32 features")
+    cost = sub.add_parser(
+        "precision-cost",
+        help="ranking quality with float16 features and the int8 query encoder (vs float32)",
+    )
     cost.add_argument("--data", type=Path, default=Path("data/sample"), help="catalogue directory")
     cost.add_argument("--out", type=Path, default=Path("artifacts"), help="artifacts directory")
     args = parser.parse_args()
 
-    if args.command == "storage-cost":
-        from models.storage_cost import storage_cost
+    if args.command == "precision-cost":
+        from models.precision_cost import precision_cost
 
-        print(json.dumps(storage_cost(args.data, args.out), indent=2))
+        print(json.dumps(precision_cost(args.data, args.out), indent=2))
         return
 
     from models.evaluate import run

@@ -6,6 +6,7 @@
         query_encoder.onnx     input_ids, attention_mask (int64 [batch, tokens])
                                -> query_embedding (float32 [batch, 384], L2-normalised MiniLM)
                                -> retrieval_vector (float32 [batch, text_dims + image_dims])
+        query_encoder_int8.onnx  the same with int8 weights (for CPUs; optional)
         ranker.onnx            query_embedding (float32 [queries, 384]),
                                item_features (float16 [candidates, text_dims + image_dims]),
                                query_index (int64 [candidates]: row of query_embedding)

@@ -119,8 +119,9 @@ class Pipeline:
             )
         await asyncio.to_thread(self.retriever.search, encoded.retrieval_vector, 1)
         log.info(
-            "model %s (%s) warmed on %s in %.2f s (buckets %s)",
+            "model %s (%s, %s) warmed on %s in %.2f s (buckets %s)",
             self.version,
+            self.encoder.graph,
             self.scorer.graph,
             self.provider,
             time.perf_counter() - started,
@@ -225,7 +226,11 @@ def _load_stages(settings: Settings) -> _Stages:
     manifest = load_manifest(version_dir)
     common = {"device": settings.device, "threads": settings.intra_op_threads}
     encoder = QueryEncoder.load(
-        version_dir, manifest, cache_size=settings.query_cache_size, **common
+        version_dir,
+        manifest,
+        cache_size=settings.query_cache_size,
+        int8=settings.query_encoder_int8,
+        **common,
     )
     retriever = Retriever.load(version_dir, manifest, threads=settings.intra_op_threads)
     scorer = Scorer.load(

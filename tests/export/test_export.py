@@ -1,10 +1,11 @@
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
-from export.graphs import graph_defs, parity
+from export.graphs import INT8_SUFFIX, INT8_TOLERANCE, graph_defs, parity
 from export.pipeline import ParityInputs, features_version, item_features, run
 from models.catalogue import load_catalogue
 from models.embeddings import item_embeddings
@@ -14,7 +15,14 @@ from service.features import EmbeddedFeatureStore
 from service.manifest import load_manifest, resolve_version_dir
 from tests.conftest import SAMPLE
 
-GRAPHS = ["query_encoder", "ranker", "ranker_fp16", "image_encoder", "item_encoder"]
+GRAPHS = [
+    "query_encoder",
+    "query_encoder_int8",
+    "ranker",
+    "ranker_fp16",
+    "image_encoder",
+    "item_encoder",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +44,33 @@ def test_each_graph_matches_pytorch_on_real_inputs(exported, name):
     features = item_features(model, embeddings)
     queries = [p.title.lower() for p in catalogue.products[:20]]
     inputs = ParityInputs(catalogue, embeddings, features, queries, text_encoder)
-    graph = {g.name: g for g in graph_defs(model, text_encoder, ImageEncoder())}[name]
-    _, check = inputs.for_graph(name)
+    source = name.removesuffix(INT8_SUFFIX)  # an int8 graph is checked against its source
+    graph = {g.name: g for g in graph_defs(model, text_encoder, ImageEncoder())}[source]
+    _, check = inputs.for_graph(source)
     diff = parity(graph, version_dir / manifest.graphs[name].file, check)
-    assert diff <= graph.tolerance
-    assert manifest.graphs[name].parity_max_abs_diff <= manifest.graphs[name].parity_tolerance
+    tolerance = INT8_TOLERANCE if name != source else graph.tolerance
+    assert diff <= tolerance
+    assert manifest.graphs[name].parity_tolerance == tolerance
+    assert manifest.graphs[name].parity_max_abs_diff <= tolerance
+
+
+def test_the_int8_query_encoder_keeps_the_query_direction(exported):
+    version_dir, manifest, model, catalogue, embeddings = exported
+    text_encoder = TextEncoder()
+    queries = [p.title.lower() for p in catalogue.products[:40]]
+    features = item_features(model, embeddings)
+    inputs = ParityInputs(catalogue, embeddings, features, queries, text_encoder)
+    _, check = inputs.for_graph("query_encoder")
+    embedded = {}
+    for name in ("query_encoder", "query_encoder_int8"):
+        session = ort.InferenceSession(
+            str(version_dir / manifest.graphs[name].file), providers=["CPUExecutionProvider"]
+        )
+        embedded[name] = session.run(["query_embedding"], check)[0]
+    full, int8 = embedded["query_encoder"], embedded["query_encoder_int8"]
+    cosine = np.sum(full * int8, 1) / np.linalg.norm(full, axis=1) / np.linalg.norm(int8, axis=1)
+    assert cosine.min() > 0.97, cosine
+    assert not np.array_equal(full, int8)  # it is a different graph
 
 
 def test_manifest_describes_the_published_features(exported, sample_artifacts):

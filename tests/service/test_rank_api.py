@@ -34,7 +34,8 @@ SAMPLE_PRODUCTS = Path(__file__).resolve().parents[2] / "data" / "sample" / "pro
 
 
 class Reference:
-    """The exported model run by hand: tokenizer -> query_encoder.onnx -> ranker.onnx."""
+    """The exported model run by hand: tokenizer -> query encoder -> ranker.onnx, with the
+    query encoder the service runs by default on CPU (int8 when the export has one)."""
 
     def __init__(self, artifacts: Path, version_dir: Path) -> None:
         self.manifest: Manifest = load_manifest(version_dir)
@@ -45,7 +46,9 @@ class Reference:
             path = self.manifest.path(version_dir, graph)
             return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
-        self.encoder, self.ranker = session("query_encoder"), session("ranker")
+        encoder = "query_encoder_int8" if "query_encoder_int8" in self.manifest.graphs else ""
+        self.encoder = session(encoder or "query_encoder")
+        self.ranker = session("ranker")
         self.tokenizer = Tokenizer.from_file(str(version_dir / self.manifest.tokenizer_file))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.manifest.max_tokens)
