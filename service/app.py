@@ -13,8 +13,6 @@ each request leases the pipeline it starts with, and a replaced pipeline closes 
 request has finished.
 """
 
-# No `from __future__ import annotations`: the routes' Annotated dependencies are closures,
-# which FastAPI could not resolve from string annotations.
 import asyncio
 import gc
 import logging
@@ -23,13 +21,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Any
 
 import orjson
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse
-from pydantic import ValidationError
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import pages
@@ -46,14 +45,10 @@ from service.limits import InFlightLimit
 from service.manifest import Manifest, load_manifest, resolve_version_dir
 from service.metrics import CONTENT_TYPE, OTHER_ROUTE, ServiceMetrics
 from service.pipeline import Pipeline
+from service.rank_endpoint import RankEndpoint, documentation_route
 from service.schemas import (
-    ErrorResponse,
-    RankRequest,
-    RankResponse,
     ReadinessResponse,
-    ValidationErrorResponse,
     rank_request_model,
-    validation_errors,
 )
 from service.settings import Settings
 
@@ -315,58 +310,27 @@ def create_app(
     app.state.metrics = metrics
     app.state.runtime = None
 
-    async def rank_request(request: Request) -> RankRequest:
-        body = await _read_body(request, settings.max_body_bytes)
-        try:
-            return request_model.model_validate_json(body)
-        except ValidationError as exc:
-            raise RequestValidationError(validation_errors(exc)) from None
-
-    async def runtime(request: Request) -> Runtime:
-        current: Runtime | None = request.app.state.runtime
-        if current is None:
-            raise ServiceNotReady("not ready: starting")
-        return current
-
-    async def pipeline(current: Annotated[Runtime, Depends(runtime)]) -> AsyncIterator[Pipeline]:
-        with current.lease() as leased:  # a model reload waits for this request to finish
-            yield leased
-
-    @app.post(
-        "/rank",
-        summary="Rank candidates (given, or retrieved) for a query.",
-        responses={
-            200: {"model": RankResponse, "description": "Items by score, best first."},
-            413: {"model": ErrorResponse, "description": "Request body too large."},
-            422: {"model": ValidationErrorResponse, "description": "Invalid body."},
-            503: {
-                "model": ErrorResponse,
-                "description": "Not ready, a dependency is down or slow, or overloaded; "
-                "with Retry-After.",
-            },
-        },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {JSON: {"schema": request_model.model_json_schema()}},
-            }
-        },
+    # POST /rank: a plain ASGI endpoint (service/rank_endpoint.py), documented below.
+    rank_endpoint = RankEndpoint(
+        request_model,
+        max_body_bytes=settings.max_body_bytes,
+        request_timeout_s=settings.request_timeout_s,
+        retry_after_s=settings.retry_after_s,
     )
-    async def rank(
-        # Declared first: FastAPI resolves dependencies in order, so bad input is a 422
-        # even while the model loads.
-        body: Annotated[RankRequest, Depends(rank_request)],
-        ranker: Annotated[Pipeline, Depends(pipeline)],
-    ) -> Response:
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                ranked = await ranker.rank(body)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"no answer within request_timeout_s = {settings.request_timeout_s:g} s: a "
-                "dependency is slow or the service is overloaded"
-            ) from None
-        return Response(ranked, media_type=JSON)
+    app.router.routes.append(Route("/rank", rank_endpoint, methods=["POST"]))
+    rank_documentation = documentation_route(request_model)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=[rank_documentation, *app.routes],
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/healthz", summary="200 while the process serves.")
     async def healthz() -> Response:
@@ -426,18 +390,3 @@ def create_app(
     if settings.admin_token is not None:  # POST /admin/reload (service/admin.py), same place
         app.include_router(admin_router(settings.admin_token))
     return app
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise HTTPException(413, f"request body over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
