@@ -668,8 +668,8 @@ def stage_tables(runs: dict[str, dict]) -> list[str]:
         "`request` is the whole of /rank inside the server.",
         "",
         "| run | scenario | at /s | encode | retrieve | fetch | batch queue | score | request | "
-        "cache hits | rows/run | requests/run |",
-        "|---|---|---:|---|---|---|---|---|---|---:|---:|---:|",
+        "query cache hits | feature cache hits | rows/run | requests/run |",
+        "|---|---|---:|---|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for key, run in runs.items():
         if run["server"] != "service":
@@ -688,10 +688,12 @@ def stage_tables(runs: dict[str, dict]) -> list[str]:
                 return "–" if s is None else f"{s['mean']:.2f} / {s['p99']:.2f}"
 
             hit = svc["query_cache_hit_rate"]
+            rows_hit = svc.get("feature_cache_hit_rate")
             out.append(
                 f"| {key} | {name} | {step['offered_rate']:g} | {cell('encode')} | "
                 f"{cell('retrieve')} | {cell('fetch')} | {cell('batch_queue')} | {cell('score')} | "
                 f"{cell('request')} | {'–' if hit is None else f'{hit:.0%}'} | "
+                f"{'–' if rows_hit is None else f'{rows_hit:.0%}'} | "
                 f"{_fmt(svc['mean_rows_per_batch'], 0)} | "
                 f"{_fmt(svc['mean_requests_per_batch'], 2)} |"
             )

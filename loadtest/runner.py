@@ -75,7 +75,7 @@ def scrape(target: Target) -> dict[tuple[str, tuple], float] | None:
 
 def service_stages(before: dict, after: dict) -> dict[str, object]:
     """Per-stage count/mean/p50/p99 (seconds; p50/p99 interpolated in histogram buckets),
-    batching and the query cache hit rate between two scrapes."""
+    batching and the query and feature cache hit rates between two scrapes."""
     stages: dict[str, object] = {}
     for stage in STAGES:
         h = histogram(before, after, "fusionrank_stage_duration_seconds", stage=stage)
@@ -91,12 +91,16 @@ def service_stages(before: dict, after: dict) -> dict[str, object]:
     requests = histogram(before, after, "fusionrank_batch_requests")
     hits = counter_delta(before, after, "fusionrank_query_cache_hits_total")
     misses = counter_delta(before, after, "fusionrank_query_cache_misses_total")
+    rows_cached = counter_delta(before, after, "fusionrank_feature_cache_hits_total")
+    rows_fetched = counter_delta(before, after, "fusionrank_feature_cache_misses_total")
+    rows_asked = rows_cached + rows_fetched
     return {
         "stages_ms": stages,
         "batches": rows["count"],
         "mean_rows_per_batch": rows["mean"] if rows["count"] else None,
         "mean_requests_per_batch": requests["mean"] if requests["count"] else None,
         "query_cache_hit_rate": hits / (hits + misses) if hits + misses else None,
+        "feature_cache_hit_rate": rows_cached / rows_asked if rows_asked else None,
     }
 
 

@@ -30,6 +30,7 @@ def _step(rate: float, p50: float, p99: float, *, target: float, errors: dict | 
             "mean_rows_per_batch": 1000.0,
             "mean_requests_per_batch": 1.0,
             "query_cache_hit_rate": 0.8,
+            "feature_cache_hit_rate": 0.95,
         },
     }
 
@@ -138,6 +139,8 @@ def test_markdown_report_and_plot(runs: dict, tmp_path: Path) -> None:
     assert "| 1,000 given: p50 ≤ 15 ms, p99 ≤ 40 ms at ≥ 50 req/s |" in text
     assert "held up to 50 req/s; at 50/s p50 8.0 / p99 30.0 ms" in text
     assert "(naive: 5 req/s): service-1w: 20.0×" in text
+    # the stage table: query cache 80 %, feature cache 95 % of rows
+    assert "| 80% | 95% | 1,000 | 1.00 |" in text
     assert "16/16 top-10 lists identical" in text
     assert "Load average** (1/5/15 min) at start 0.5/0.5/0.5" in text
     assert "## Service stages from /metrics" in text
