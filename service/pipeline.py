@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import ArtifactError
+from service.errors import ArtifactError, FeatureStoreError
 from service.features import FeatureBatch, FeatureStore
 from service.manifest import Manifest, load_manifest, resolve_version_dir
 from service.metrics import ServiceMetrics
@@ -118,6 +118,7 @@ class Pipeline:
                 f"dims, the index has {self.retriever.dims}"
             )
         await asyncio.to_thread(self.retriever.search, encoded.retrieval_vector, 1)
+        await self._warm_feature_cache()
         log.info(
             "model %s (%s, %s) warmed on %s in %.2f s (buckets %s)",
             self.version,
@@ -127,6 +128,19 @@ class Pipeline:
             time.perf_counter() - started,
             self.batcher.warmed,
         )
+
+    async def _warm_feature_cache(self) -> None:
+        """Fill the feature cache with the indexed items (as many as it holds), so the first
+        requests do not all go to the store. Best effort: a store that is down or serves
+        other features leaves the cache to fill from traffic, and /readyz reports the store."""
+        started = time.perf_counter()
+        try:
+            rows = await asyncio.to_thread(self.fetcher.warm, self.retriever.ids)
+        except FeatureStoreError as exc:
+            log.warning("feature cache not warmed (it fills from traffic): %s", exc)
+            return
+        if rows:
+            log.info("feature cache warmed: %d rows in %.2f s", rows, time.perf_counter() - started)
 
     async def close(self) -> None:
         await self.batcher.close()

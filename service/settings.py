@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     cheaper per query cache miss; what it costs in ranking quality is in the README."""
     feature_cache_items: int = Field(100_000, ge=0, le=100_000_000)
     """Item feature rows kept in-process per worker (~360 bytes each), oldest overwritten
-    first; 0: every fetch goes to the feature store. Only rows of the served model's feature
-    version are kept, and versions are immutable, so a cached row is never stale."""
+    first; filled with the indexed items at start-up (as many as fit), then from traffic; 0:
+    every fetch goes to the feature store. Only rows of the served model's feature version are
+    kept, and versions are immutable, so a cached row is never stale."""
 
     # -- request limits --------------------------------------------------------------------
     max_query_chars: int = Field(256, ge=1, le=100_000)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -47,9 +48,10 @@ class FeatureCache:
 
     def probe(self, ids: Sequence[str]) -> CacheProbe:
         """Split ``ids`` into cached (with their rows) and not cached."""
-        get = self._slot_of.get
         with self._lock:  # an insert must not recycle a slot between the lookup and the copy
-            slots = np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+            slots = np.fromiter(
+                map(self._slot_of.get, ids, repeat(-1)), dtype=np.int64, count=len(ids)
+            )
             hit = slots >= 0
             rows = self._rows[slots[hit]]  # fancy indexing copies
         return CacheProbe(np.flatnonzero(hit), rows, np.flatnonzero(~hit))

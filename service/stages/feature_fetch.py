@@ -5,7 +5,8 @@ out: FeatureBatch(matrix float16 [n_found, text_dims + image_dims], found int64 
      missing list[str]) from the store version the model was exported with
 
 ``cached`` is the cheap probe the event loop may call (a batch when every id is cached);
-``fetch`` and ``check`` are blocking (Redis or the file system): call them off the event loop.
+``warm`` (at start-up), ``fetch`` and ``check`` are blocking (Redis or the file system): call
+them off the event loop.
 Only rows of the model's own feature version enter the cache (stages.feature_cache), so a
 request served from it ranks exactly as one served from the store. Ids the store does not
 know are not cached: they are asked for again, in case a later version has them.
@@ -77,6 +78,18 @@ class FeatureFetcher:
         matrix[np.searchsorted(found, probe.hit_positions)] = probe.rows
         matrix[np.searchsorted(found, fetched_positions)] = fetched.matrix
         return FeatureBatch(self._version, self._layout, matrix, found, fetched.missing)
+
+    def warm(self, ids: Sequence[str], chunk: int = 2000) -> int:
+        """Load the first ``capacity`` of ``ids`` into the cache, ``chunk`` per round trip
+        (blocking); returns the rows cached. Raises the store's errors."""
+        if self._cache is None:
+            return 0
+        ids = list(ids[: self._cache.capacity])
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            batch = self._fetch_from_store(part)
+            self._cache.insert([part[p] for p in batch.found.tolist()], batch.matrix)
+        return len(self._cache)
 
     def _observe(self, hits: int, misses: int) -> None:
         if self._observer is not None:

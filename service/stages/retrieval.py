@@ -50,6 +50,11 @@ class Retriever:
         return cls(index, ids, threads)
 
     @property
+    def ids(self) -> list[str]:
+        """Every indexed product id, in index order (do not modify)."""
+        return self._ids
+
+    @property
     def dims(self) -> int:
         return self._index.d
 

@@ -97,6 +97,26 @@ def test_fetch_through_the_cache_equals_the_store_and_survives_redis_going_away(
 
 
 @pytest.mark.slow
+def test_warming_loads_the_first_ids_that_fit(
+    sample_artifacts: Path, sample_version_dir: Path
+) -> None:
+    manifest = load_manifest(sample_version_dir)
+    ids = json.loads((sample_version_dir / manifest.index.ids_file).read_bytes())
+    with redis_server() as redis:
+        version = publish_sample(sample_artifacts, sample_version_dir, redis.url)
+        store = RedisFeatureStore.from_url(redis.url, timeout_s=0.5)
+        fetcher = FeatureFetcher(store, manifest.layout, version, cache_items=700)
+        assert fetcher.warm([*ids[:300], "no-such-id", *ids[300:]], chunk=128) == 699
+        want = FeatureFetcher(store, manifest.layout, version).fetch(ids[:699])
+        redis.stop()
+        got = fetcher.cached(ids[:699])
+        assert got is not None
+        np.testing.assert_array_equal(got.matrix, want.matrix)
+        assert fetcher.cached(ids[699:701]) is None
+        store.close()
+
+
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_ranking_from_the_cache_equals_ranking_from_redis(
     sample_artifacts: Path, sample_version_dir: Path, serve
@@ -112,8 +132,9 @@ async def test_ranking_from_the_cache_equals_ranking_from_redis(
         )
         async with serve(uncached) as client:
             from_redis = await client.post("/rank", json=body)
-        app = create_app(Settings(artifacts_dir=sample_artifacts), feature_store=store)
-        async with serve(app) as client:
+        # Warmed at start-up with the first 1,000 indexed items, which include the body's.
+        settings = Settings(artifacts_dir=sample_artifacts, feature_cache_items=1000)
+        async with serve(create_app(settings, feature_store=store)) as client:
             first = await client.post("/rank", json=body)
             redis.stop()
             cached = await client.post("/rank", json=body)
@@ -124,5 +145,5 @@ async def test_ranking_from_the_cache_equals_ranking_from_redis(
     assert cached.json() == first.json() == from_redis.json()
     assert other.status_code == 503
     assert other.json()["detail"].startswith("redis feature store unavailable")
-    assert "fusionrank_feature_cache_hits_total 400.0" in metrics
-    assert "fusionrank_feature_cache_misses_total 410.0" in metrics
+    assert "fusionrank_feature_cache_hits_total 800.0" in metrics
+    assert "fusionrank_feature_cache_misses_total 10.0" in metrics
