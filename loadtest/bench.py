@@ -709,9 +709,10 @@ def cpu_table(runs: dict[str, dict]) -> list[str]:
         "## Where one request's CPU goes (service, 1 worker, one request at a time)",
         "",
         "CPU per request read from /proc for the service's threads and from Redis's INFO cpu "
-        "over 300 sequential requests after warm-up: the *event loop* runs HTTP, FastAPI, "
-        "request parsing and the pipeline's bookkeeping; the *other threads* run the Redis "
-        "client (fetch), FAISS, the query encoder, and the batcher with onnxruntime. The stage "
+        "over 300 sequential requests after warm-up: the *event loop* runs HTTP, the /rank "
+        "endpoint (body parsing and validation), the cache probes and the pipeline's "
+        "bookkeeping; the *other threads* run the query encoder on a cache miss, FAISS, the "
+        "Redis client for uncached item vectors, and the batcher with onnxruntime. The stage "
         "means come from /metrics over the same requests.",
         "",
         "| scenario | client p50 ms | event loop CPU | other threads CPU | Redis CPU | total CPU "

@@ -239,9 +239,11 @@ def sweep(
     """Steps at ``rates`` (ascending) after a warm-up at the first rate.
 
     A step is "held" with p99 within ``p99_target_ms``, "sustained" within ``stop_p99_ms``
-    (default: the target); the sweep stops after ``stop_after`` consecutive steps not
-    sustained, or one severe step. Between steps ``settle(step)`` waits for the server to
-    finish what it still does (default: after timeouts, as long as the timeout, at most 10 s).
+    (default: the target), both without errors; the highest rate held (sustained) is the last
+    one before the first step that was not. The sweep stops after ``stop_after`` consecutive
+    steps not sustained, or one severe step. Between steps ``settle(step)`` waits for the
+    server to finish what it still does (default: after timeouts, as long as the timeout, at
+    most 10 s).
     """
     rng = random.Random(seed)
     stop_p99_ms = stop_p99_ms if stop_p99_ms is not None else p99_target_ms
@@ -288,13 +290,22 @@ def sweep(
         "candidates": candidates,
         "p99_target_ms": p99_target_ms,
         "stop_p99_ms": stop_p99_ms,
-        "highest_rate_held": max((s["offered_rate"] for s in steps if s["held"]), default=None),
-        "highest_rate_sustained": max(
-            (s["offered_rate"] for s in steps if s["sustained"]), default=None
-        ),
+        "highest_rate_held": _held_up_to(steps, "held"),
+        "highest_rate_sustained": _held_up_to(steps, "sustained"),
         "warmup": warmup,
         "steps": steps,
     }
+
+
+def _held_up_to(steps: list[dict], key: str) -> float | None:
+    """The highest offered rate of the steps before the first that failed ``key``: a rate
+    held only above a failed one (noise on a shared machine) is not claimed."""
+    best = None
+    for step in steps:
+        if not step[key]:
+            break
+        best = step["offered_rate"]
+    return best
 
 
 def _settle_after_timeouts(step: dict, timeout_s: float | None) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import bench
+from loadtest import bench, runner
 
 
 def _step(rate: float, p50: float, p99: float, *, target: float, errors: dict | None = None):
@@ -145,3 +145,15 @@ def test_markdown_report_and_plot(runs: dict, tmp_path: Path) -> None:
     assert "Load average** (1/5/15 min) at start 0.5/0.5/0.5" in text
     assert "## Service stages from /metrics" in text
     assert "| 1,000 given | 10.50 | 3.00 | 5.00 | 1.50 | 9.50 | fetch 3.00, score 4.00 |" in text
+
+
+def test_a_rate_held_only_above_a_failed_one_is_not_claimed() -> None:
+    steps = [
+        {"offered_rate": 50, "held": True, "sustained": True},
+        {"offered_rate": 100, "held": False, "sustained": True},
+        {"offered_rate": 200, "held": True, "sustained": True},
+        {"offered_rate": 300, "held": False, "sustained": False},
+    ]
+    assert runner._held_up_to(steps, "held") == 50
+    assert runner._held_up_to(steps, "sustained") == 200
+    assert runner._held_up_to(steps[1:], "held") is None
