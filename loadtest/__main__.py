@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         if args.prime:
-            report["priming"] = prime(target, workload, args.prime, progress=print_progress)
+            report["priming"] = prime(
+                target, workload, args.prime, max_rounds=6, progress=print_progress
+            )
         if args.sweep:
             result = sweep(
                 target,
