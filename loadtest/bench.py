@@ -48,7 +48,6 @@ STOP_TIMEOUT_S = 30
 SUSTAINABLE_P99_MS = 1000.0  # "sustains a rate": keeps up, answers within a second
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PRIME_QUERIES = 1500  # the popular head (~70 % of requests) is in each worker's query cache
-PRIME_RATE = 300.0  # one-candidate requests: well within what one worker serves
 
 # name, candidates, p99 target (ms), p50 target (ms), rate target (req/s), service rates
 SCENARIOS = (
@@ -394,7 +393,6 @@ def main(argv: list[str] | None = None) -> None:
                 service.target,
                 workload,
                 PRIME_QUERIES,
-                rate=PRIME_RATE,
                 max_rounds=2 + 4 * workers,
                 progress=print_progress,
             )

@@ -200,7 +200,7 @@ def prime(
     requests = [request_bytes(target, "POST", "/rank", body) for body in bodies]
     if not offsets:
         return {}
-    totals = {"requests": 0, "ok": 0, "errors": 0}
+    totals: dict[str, object] = {"requests": 0, "ok": 0, "errors": {}}
     for round_ in range(1, max_rounds + 1):
         before = scrape(target)
         result = run_sync(
@@ -214,8 +214,11 @@ def prime(
             )
         )
         summary = result.summary(offsets[-1], rate)
-        for key in totals:
-            totals[key] += summary.get(key) or 0
+        totals["requests"] += summary["requests"]  # type: ignore[operator]
+        totals["ok"] += summary["ok"]  # type: ignore[operator]
+        errors: dict[str, int] = totals["errors"]  # type: ignore[assignment]
+        for status, count in summary["errors"].items():
+            errors[status] = errors.get(status, 0) + count
         after = scrape(target)
         if before is None or after is None:
             return {**totals, "rounds": round_, "hit_rate_last_round": None}
