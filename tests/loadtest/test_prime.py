@@ -29,12 +29,7 @@ class WorkerCaches:
         self._metrics = metrics
         self._rng = random.Random(0)
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+    async def __call__(self, scope, receive, send) -> None:  # HTTP only: served lifespan="off"
         body = b""
         while True:
             message = await receive()
@@ -69,7 +64,9 @@ def serve() -> Iterator:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+        )
         server = uvicorn.Server(config)
         threading.Thread(target=server.run, daemon=True).start()
         deadline = time.monotonic() + 10

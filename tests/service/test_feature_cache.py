@@ -13,14 +13,17 @@ import pytest
 from service.app import create_app
 from service.errors import FeatureStoreUnavailable
 from service.features import RedisFeatureStore
-from service.features.format import FeatureLayout
-from service.manifest import load_manifest
+from service.manifest import Manifest, load_manifest
 from service.settings import Settings
 from service.stages.feature_cache import FeatureCache
 from service.stages.feature_fetch import FeatureFetcher
 from tests.service.processes import publish_sample, redis_server
 
-LAYOUT = FeatureLayout(text_dims=3, image_dims=2)
+
+def _indexed(version_dir: Path) -> tuple[Manifest, list[str]]:
+    """The sample export's manifest and its indexed product ids."""
+    manifest = load_manifest(version_dir)
+    return manifest, json.loads((version_dir / manifest.index.ids_file).read_bytes())
 
 
 def _rows(n: int, start: int = 0) -> np.ndarray:
@@ -66,8 +69,7 @@ def test_an_id_already_cached_keeps_its_row() -> None:
 def test_fetch_through_the_cache_equals_the_store_and_survives_redis_going_away(
     sample_artifacts: Path, sample_version_dir: Path
 ) -> None:
-    manifest = load_manifest(sample_version_dir)
-    ids = json.loads((sample_version_dir / manifest.index.ids_file).read_bytes())
+    manifest, ids = _indexed(sample_version_dir)
     with redis_server() as redis:
         version = publish_sample(sample_artifacts, sample_version_dir, redis.url)
         store = RedisFeatureStore.from_url(redis.url, timeout_s=0.5)
@@ -100,8 +102,7 @@ def test_fetch_through_the_cache_equals_the_store_and_survives_redis_going_away(
 def test_warming_loads_the_first_ids_that_fit(
     sample_artifacts: Path, sample_version_dir: Path
 ) -> None:
-    manifest = load_manifest(sample_version_dir)
-    ids = json.loads((sample_version_dir / manifest.index.ids_file).read_bytes())
+    manifest, ids = _indexed(sample_version_dir)
     with redis_server() as redis:
         version = publish_sample(sample_artifacts, sample_version_dir, redis.url)
         store = RedisFeatureStore.from_url(redis.url, timeout_s=0.5)
@@ -121,8 +122,7 @@ def test_warming_loads_the_first_ids_that_fit(
 async def test_ranking_from_the_cache_equals_ranking_from_redis(
     sample_artifacts: Path, sample_version_dir: Path, serve
 ) -> None:
-    manifest = load_manifest(sample_version_dir)
-    ids = json.loads((sample_version_dir / manifest.index.ids_file).read_bytes())
+    manifest, ids = _indexed(sample_version_dir)
     body = {"query": "navy blue jeans for men", "candidate_ids": ids[:400], "top_k": 20}
     with redis_server() as redis:
         publish_sample(sample_artifacts, sample_version_dir, redis.url)
