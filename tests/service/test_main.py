@@ -79,10 +79,18 @@ def test_two_workers_share_their_metrics(sample_artifacts: Path, closed_port: in
     env = {"FUSIONRANK_ARTIFACTS_DIR": str(sample_artifacts), "FUSIONRANK_WORKERS": "2"}
     with running_service(closed_port, **env) as url, httpx.Client(base_url=url) as client:
         for n in range(12):
-            # A new connection each time, so both workers get some.
-            response = client.post(
-                "/rank", json={"query": f"shirt {n}", "top_k": 2}, headers={"connection": "close"}
-            )
+            # A new connection each time, so both workers get some. /readyz was answered by
+            # one worker: the other may still be warming up, and says so with a 503.
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                response = client.post(
+                    "/rank",
+                    json={"query": f"shirt {n}", "top_k": 2},
+                    headers={"connection": "close"},
+                )
+                if response.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert response.status_code == 200
         text = client.get("/metrics").text
     counted = sum(
