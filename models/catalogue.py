@@ -1,5 +1,7 @@
 """The product catalogue: `products.csv` plus photos in `images_60x80.zip` (and optionally
 `images_hires.zip`), in the layout of the Myntra fashion data set (see data/sample/README.md).
+A sample cut from it (models.sample, the repo's data/sample) keeps its photos in
+`sample_photos_60x80.zip`, so that the small archive is never mistaken for the full one.
 
 Loading validates the structure up front and fails with a `CatalogueError` that names the file
 and the row, so a malformed catalogue never gets as far as training.
@@ -20,6 +22,7 @@ from service.errors import CatalogueError
 
 PRODUCTS_FILE = "products.csv"
 IMAGES_FILE = "images_60x80.zip"
+SAMPLE_IMAGES_FILE = "sample_photos_60x80.zip"
 HIRES_FILE = "images_hires.zip"
 
 REQUIRED_COLUMNS = (
@@ -56,8 +59,15 @@ class Product:
 class Catalogue:
     """Products in file order, with lazy access to their photos."""
 
-    def __init__(self, root: Path, products: list[Product], image_names: frozenset[str]):
+    def __init__(
+        self,
+        root: Path,
+        products: list[Product],
+        image_names: frozenset[str],
+        images_path: Path,
+    ):
         self.root = root
+        self.images_path = images_path
         self.products = products
         self._image_names = image_names
         self._zip: zipfile.ZipFile | None = None
@@ -76,11 +86,9 @@ class Catalogue:
         """The product's 60x80 JPEG. Raises CatalogueError when it is absent."""
         name = f"{product_id}.jpg"
         if name not in self._image_names:
-            raise CatalogueError(
-                f"{self.root / IMAGES_FILE}: no image {name} for product {product_id}"
-            )
+            raise CatalogueError(f"{self.images_path}: no image {name} for product {product_id}")
         if self._zip is None:
-            self._zip = zipfile.ZipFile(self.root / IMAGES_FILE)
+            self._zip = zipfile.ZipFile(self.images_path)
         return self._zip.read(name)
 
     def load_image(self, product_id: str):  # -> PIL.Image.Image (Pillow is an offline dependency)
@@ -93,7 +101,7 @@ class Catalogue:
             return image.convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
             raise CatalogueError(
-                f"{self.root / IMAGES_FILE}: entry {product_id}.jpg (product {product_id}) "
+                f"{self.images_path}: entry {product_id}.jpg (product {product_id}) "
                 f"is not a readable image: {exc}"
             ) from exc
 
@@ -102,8 +110,8 @@ class Catalogue:
         """Content hash of products.csv and the image archive: the key of every cache built
         from this catalogue, so a changed catalogue never reuses stale embeddings."""
         digest = hashlib.sha256()
-        for name in (PRODUCTS_FILE, IMAGES_FILE):
-            with open(self.root / name, "rb") as f:
+        for path in (self.root / PRODUCTS_FILE, self.images_path):
+            with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
         return digest.hexdigest()[:16]
@@ -114,6 +122,15 @@ class Catalogue:
             self._zip = None
 
 
+def images_path(root: Path) -> Path:
+    """The photo archive of catalogue ``root``: the full layout's name, else a sample's; the
+    full name when neither exists (what a missing-file error should name)."""
+    for name in (IMAGES_FILE, SAMPLE_IMAGES_FILE):
+        if (root / name).is_file():
+            return root / name
+    return root / IMAGES_FILE
+
+
 def load_catalogue(root: str | Path, *, require_images: bool = True) -> Catalogue:
     """Read and validate a catalogue directory.
 
@@ -122,16 +139,16 @@ def load_catalogue(root: str | Path, *, require_images: bool = True) -> Catalogu
     """
     root = Path(root)
     products_path = root / PRODUCTS_FILE
-    images_path = root / IMAGES_FILE
+    archive_path = images_path(root)
     if not products_path.is_file():
         raise CatalogueError(f"{products_path}: file not found (expected a catalogue directory)")
-    if not images_path.is_file():
-        raise CatalogueError(f"{images_path}: file not found")
+    if not archive_path.is_file():
+        raise CatalogueError(f"{archive_path}: file not found")
     try:
-        with zipfile.ZipFile(images_path) as archive:
+        with zipfile.ZipFile(archive_path) as archive:
             image_names = frozenset(archive.namelist())
     except zipfile.BadZipFile as exc:
-        raise CatalogueError(f"{images_path}: not a zip archive ({exc})") from exc
+        raise CatalogueError(f"{archive_path}: not a zip archive ({exc})") from exc
 
     products: list[Product] = []
     seen: set[str] = set()
@@ -169,4 +186,4 @@ def load_catalogue(root: str | Path, *, require_images: bool = True) -> Catalogu
             )
     if not products:
         raise CatalogueError(f"{products_path}: no products with images")
-    return Catalogue(root, products, image_names)
+    return Catalogue(root, products, image_names, archive_path)

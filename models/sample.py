@@ -15,7 +15,7 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
-from models.catalogue import IMAGES_FILE, PRODUCTS_FILE, load_catalogue
+from models.catalogue import PRODUCTS_FILE, SAMPLE_IMAGES_FILE, load_catalogue
 
 
 def stratified_ids(
@@ -48,7 +48,7 @@ def write_sample(data: Path, out: Path, size: int, seed: int) -> int:
         writer.writeheader()
         writer.writerows(rows)
     # Stored, not deflated: JPEGs do not compress, and members stay directly readable.
-    with zipfile.ZipFile(out / IMAGES_FILE, "w", compression=zipfile.ZIP_STORED) as archive:
+    with zipfile.ZipFile(out / SAMPLE_IMAGES_FILE, "w", compression=zipfile.ZIP_STORED) as archive:
         for row in rows:
             name = f"{row['id']}.jpg"
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from models.catalogue import IMAGES_FILE, PRODUCTS_FILE, load_catalogue
+from models.catalogue import IMAGES_FILE, PRODUCTS_FILE, images_path, load_catalogue
 from service.errors import CatalogueError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
@@ -20,7 +20,7 @@ def small_catalogue(tmp_path: Path, rows: int = 5) -> tuple[Path, list[dict]]:
         writer.writeheader()
         writer.writerows(kept)
     with (
-        zipfile.ZipFile(SAMPLE / IMAGES_FILE) as src,
+        zipfile.ZipFile(images_path(SAMPLE)) as src,
         zipfile.ZipFile(tmp_path / IMAGES_FILE, "w") as dst,
     ):
         for row in kept:

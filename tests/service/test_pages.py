@@ -15,6 +15,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from models.catalogue import images_path
 from service.app import create_app
 from service.features import EmbeddedFeatureStore, FeatureStore
 from service.settings import Settings
@@ -33,7 +34,7 @@ def products() -> dict[str, dict[str, str]]:
 
 
 def photo(item_id: str) -> bytes:
-    with zipfile.ZipFile(SAMPLE / "images_60x80.zip") as archive:
+    with zipfile.ZipFile(images_path(SAMPLE)) as archive:
         return archive.read(f"{item_id}.jpg")
 
 
