@@ -11,10 +11,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, SAMPLE
+from models.catalogue import images_path
+from tests.conftest import SAMPLE
+from tests.service.processes import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +34,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-START_TIMEOUT_S = 180
 WAIT_MS = 20_000
 QUERY = "red tshirt for men"
 
@@ -77,49 +74,11 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def service_url(sample_artifacts: Path) -> Iterator[str]:
+def service_url(sample_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m service`` (uvicorn) on a free loopback port, serving the sample."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSIONRANK_")}
-    env |= {
-        "FUSIONRANK_HOST": "127.0.0.1",
-        "FUSIONRANK_PORT": str(port),
-        "FUSIONRANK_ARTIFACTS_DIR": str(sample_artifacts),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"python -m service exited:\n{process.stdout.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("python -m service did not get ready")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    log = tmp_path_factory.mktemp("search-page") / "service.log"
+    with running_service(log, FUSIONRANK_ARTIFACTS_DIR=str(sample_artifacts)) as service:
+        yield service.url
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +88,7 @@ def titles() -> dict[str, str]:
 
 
 def catalogue_photo(item_id: str) -> bytes:
-    with zipfile.ZipFile(SAMPLE / "images_60x80.zip") as archive:
+    with zipfile.ZipFile(images_path(SAMPLE)) as archive:
         return archive.read(f"{item_id}.jpg")
 
 
