@@ -13,6 +13,8 @@ is never reused for different content: readers may cache what they know of a ver
 from __future__ import annotations
 
 import re
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -81,6 +83,51 @@ class FeatureStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class PublishesVersions(ABC):
+    """The publish sequence every backend shares: unchanged version -> nothing; otherwise write
+    the whole version aside, then switch the pointer to it and drop the other versions. A
+    backend supplies how to read the pointer, write a version and switch."""
+
+    @abstractmethod
+    def current_version(self) -> str | None: ...
+
+    @abstractmethod
+    def _write_version(
+        self,
+        ids: Sequence[str],
+        matrix: np.ndarray,
+        layout: FeatureLayout,
+        version: str,
+        *,
+        batch_size: int,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """Write a whole version without making it current."""
+
+    @abstractmethod
+    def _switch_to(self, version: str) -> list[str]:
+        """Make the written ``version`` current, delete every other; the versions removed."""
+
+    def publish(
+        self,
+        ids: Sequence[str],
+        matrix: np.ndarray,
+        layout: FeatureLayout,
+        version: str,
+        *,
+        batch_size: int = 2000,
+        progress: Callable[[int], None] | None = None,
+    ) -> PublishReport:
+        """See FeatureStore.publish."""
+        check_publish_args(ids, matrix, layout, version, batch_size)
+        started = time.perf_counter()
+        if self.current_version() == version:
+            return PublishReport(version, 0, time.perf_counter() - started)
+        self._write_version(ids, matrix, layout, version, batch_size=batch_size, progress=progress)
+        removed = self._switch_to(version)
+        return PublishReport(version, len(ids), time.perf_counter() - started, removed)
 
 
 def check_publish_args(

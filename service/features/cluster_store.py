@@ -93,7 +93,7 @@ except ImportError:  # redis[hiredis] is a dependency; plain redis-py still work
     hiredis = None
 
 from service.errors import FeatureFormatError, FeatureStoreUnavailable, NoPublishedVersion
-from service.features.base import FeatureBatch, PublishReport, check_publish_args
+from service.features.base import FeatureBatch, PublishesVersions
 from service.features.format import FeatureLayout, encode_matrix
 from service.features.redis_store import _batch, _glob_escape
 
@@ -130,7 +130,7 @@ class _Version:
     slots: tuple[int, ...]  # slot of each bucket
 
 
-class RedisClusterFeatureStore:
+class RedisClusterFeatureStore(PublishesVersions):
     def __init__(
         self,
         connect: Callable[[], RedisCluster],
@@ -242,31 +242,6 @@ class RedisClusterFeatureStore:
 
     # -- publishing --------------------------------------------------------------------
 
-    def publish(
-        self,
-        ids: Sequence[str],
-        matrix: np.ndarray,
-        layout: FeatureLayout,
-        version: str,
-        *,
-        batch_size: int = 2000,
-        progress: Callable[[int], None] | None = None,
-    ) -> PublishReport:
-        check_publish_args(ids, matrix, layout, version, batch_size)
-        started = time.perf_counter()
-        with _unavailable_on_cluster_error():
-            replaced = self._read_pointer()
-        if replaced is not None and replaced.version == version:
-            return PublishReport(version, 0, time.perf_counter() - started)
-        self._write_version(ids, matrix, layout, version, batch_size=batch_size, progress=progress)
-        with _unavailable_on_cluster_error():
-            value = f"{version} {uuid.uuid4().hex} {round(self._grace_s * 1000)}"
-            self._client().set(self._pointer_key, value)
-            if replaced is not None:  # readers holding it trust its grace (docstring: 1.)
-                time.sleep(replaced.grace_s)
-            removed = self._delete_versions(keep=version)
-        return PublishReport(version, len(ids), time.perf_counter() - started, removed)
-
     def _write_version(
         self,
         ids: Sequence[str],
@@ -302,6 +277,15 @@ class RedisClusterFeatureStore:
                 "buckets": list(tags),
             }
             client.set(self._meta_key(version), json.dumps(meta))
+
+    def _switch_to(self, version: str) -> list[str]:
+        with _unavailable_on_cluster_error():
+            replaced = self._read_pointer()
+            value = f"{version} {uuid.uuid4().hex} {round(self._grace_s * 1000)}"
+            self._client().set(self._pointer_key, value)
+            if replaced is not None:  # readers holding it trust its grace (docstring: 1.)
+                time.sleep(replaced.grace_s)
+            return self._delete_versions(keep=version)
 
     def _delete_versions(self, keep: str) -> list[str]:
         removed: set[str] = set()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import FeatureFormatError, FeatureStoreUnavailable, NoPublishedVersion
-from service.features.base import FeatureBatch, PublishReport, check_publish_args
+from service.features.base import FeatureBatch, PublishesVersions
 from service.features.format import FeatureLayout
 
 _POINTER = "CURRENT"
@@ -44,7 +43,7 @@ class _OpenVersion:
     row_of: dict[str, int]
 
 
-class EmbeddedFeatureStore:
+class EmbeddedFeatureStore(PublishesVersions):
     def __init__(self, root: Path) -> None:
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
@@ -91,25 +90,6 @@ class EmbeddedFeatureStore:
 
     # -- publishing --------------------------------------------------------------------
 
-    def publish(
-        self,
-        ids: Sequence[str],
-        matrix: np.ndarray,
-        layout: FeatureLayout,
-        version: str,
-        *,
-        batch_size: int = 2000,
-        progress: Callable[[int], None] | None = None,
-    ) -> PublishReport:
-        check_publish_args(ids, matrix, layout, version, batch_size)
-        started = time.perf_counter()
-        if self.current_version() == version:
-            return PublishReport(version, 0, time.perf_counter() - started)
-        self._write_version(ids, matrix, layout, version, batch_size=batch_size, progress=progress)
-        _write_atomically(self._pointer, version)
-        removed = self._delete_versions(keep=version)
-        return PublishReport(version, len(ids), time.perf_counter() - started, removed)
-
     def _write_version(
         self,
         ids: Sequence[str],
@@ -138,6 +118,10 @@ class EmbeddedFeatureStore:
         if final.exists():  # complete but never made current: a publisher died after rename
             shutil.rmtree(final)
         partial.rename(final)
+
+    def _switch_to(self, version: str) -> list[str]:
+        _write_atomically(self._pointer, version)
+        return self._delete_versions(keep=version)
 
     def _delete_versions(self, keep: str) -> list[str]:
         removed = set()

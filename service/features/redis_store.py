@@ -16,7 +16,6 @@ version.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,14 +26,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import FeatureFormatError, FeatureStoreUnavailable, NoPublishedVersion
-from service.features.base import FeatureBatch, PublishReport, check_publish_args
+from service.features.base import FeatureBatch, PublishesVersions
 from service.features.format import FeatureLayout, decode_values, encode_matrix
 
 _FETCH_ATTEMPTS = 3  # each retry means a publish switched the pointer mid-fetch
 _SCAN_COUNT = 1000
 
 
-class RedisFeatureStore:
+class RedisFeatureStore(PublishesVersions):
     def __init__(self, client: redis.Redis, prefix: str = "fusionrank") -> None:
         self._client = client
         self._prefix = prefix
@@ -104,26 +103,6 @@ class RedisFeatureStore:
 
     # -- publishing --------------------------------------------------------------------
 
-    def publish(
-        self,
-        ids: Sequence[str],
-        matrix: np.ndarray,
-        layout: FeatureLayout,
-        version: str,
-        *,
-        batch_size: int = 2000,
-        progress: Callable[[int], None] | None = None,
-    ) -> PublishReport:
-        check_publish_args(ids, matrix, layout, version, batch_size)
-        started = time.perf_counter()
-        if self.current_version() == version:
-            return PublishReport(version, 0, time.perf_counter() - started)
-        self._write_version(ids, matrix, layout, version, batch_size=batch_size, progress=progress)
-        with _unavailable_on_connection_error():
-            self._client.set(self._pointer_key, version)
-            removed = self._delete_versions(keep=version)
-        return PublishReport(version, len(ids), time.perf_counter() - started, removed)
-
     def _write_version(
         self,
         ids: Sequence[str],
@@ -152,6 +131,11 @@ class RedisFeatureStore:
                 "created": datetime.now(UTC).isoformat(),
             }
             self._client.set(self._meta_key(version), json.dumps(meta))
+
+    def _switch_to(self, version: str) -> list[str]:
+        with _unavailable_on_connection_error():
+            self._client.set(self._pointer_key, version)
+            return self._delete_versions(keep=version)
 
     def _delete_versions(self, keep: str) -> list[str]:
         """Unlink every version but ``keep``; return the names removed."""
