@@ -24,7 +24,12 @@ from service.features import (
     RedisClusterFeatureStore,
     RedisFeatureStore,
 )
-from tests.service.redis_cluster import ClusterUnavailable, delete_prefix, redis_cluster
+from tests.service.redis_cluster import (
+    ClusterUnavailable,
+    delete_prefix,
+    redis_answers,
+    redis_cluster,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -35,20 +40,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.exceptions.RedisError:
-        return False
-    finally:
-        client.close()
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """The local Redis if one answers, else a throwaway redis-server for this session."""
-    if _answers(DEFAULT_REDIS_URL):
+    if redis_answers(DEFAULT_REDIS_URL):
         yield DEFAULT_REDIS_URL
         return
     if shutil.which("redis-server") is None:
@@ -61,7 +56,7 @@ def redis_url() -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}/0"
     try:
         deadline = time.monotonic() + 10
-        while not _answers(url):
+        while not redis_answers(url):
             if server.poll() is not None or time.monotonic() > deadline:
                 pytest.skip(f"could not start redis-server on port {port}")
             time.sleep(0.05)

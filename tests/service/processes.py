@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import redis
 
 from service.features import EmbeddedFeatureStore, RedisFeatureStore
 from service.manifest import load_manifest
+from tests.service.redis_cluster import redis_answers
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120
@@ -71,13 +71,7 @@ class RedisServer:
             time.sleep(0.05)
 
     def answers(self) -> bool:
-        client = redis.Redis.from_url(self.url, socket_timeout=0.3, socket_connect_timeout=0.3)
-        try:
-            return bool(client.ping())
-        except redis.exceptions.RedisError:
-            return False
-        finally:
-            client.close()
+        return redis_answers(self.url, timeout_s=0.3)
 
     def stop(self) -> None:
         """SIGTERM and wait: the server is gone, its data too (no persistence)."""

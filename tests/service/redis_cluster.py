@@ -75,7 +75,7 @@ def redis_cluster() -> Iterator[list[int]]:
                 processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
             deadline = time.monotonic() + START_TIMEOUT_S
             for port in ports:
-                while not _answers(port):
+                while not redis_answers(f"redis://127.0.0.1:{port}"):
                     if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
                         raise ClusterUnavailable(f"redis-server did not start on {ports}")
                     time.sleep(0.05)
@@ -105,8 +105,9 @@ def redis_cluster() -> Iterator[list[int]]:
                     process.wait()
 
 
-def _answers(port: int) -> bool:
-    client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether a Redis at ``url`` answers PING within ``timeout_s``."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         return bool(client.ping())
     except redis.exceptions.RedisError:
