@@ -26,6 +26,7 @@ from service.metrics import ServiceMetrics
 from service.schemas import RankRequest, render_ranking
 from service.settings import Settings
 from service.stages.batcher import Batcher
+from service.stages.feature_cache import CacheProbe
 from service.stages.feature_fetch import FeatureFetcher
 from service.stages.query_encoder import EncodedQuery, QueryEncoder
 from service.stages.retrieval import Retriever
@@ -162,17 +163,19 @@ class Pipeline:
 
         if request.candidate_ids is not None:
             ids = request.candidate_ids
-            batch = self._cached(ids)
-            if batch is not None:
+            fetch_started = time.perf_counter()
+            probe = self.fetcher.probe(ids)  # once per request, on the loop
+            if probe is not None and probe.complete:  # no I/O left: stay on the loop
+                batch = self._fetch(ids, probe, fetch_started)
                 if encoded is None:
                     encoded = await asyncio.to_thread(self._encode, request.query)
             elif encoded is None:
                 encoded, batch = await asyncio.gather(
                     asyncio.to_thread(self._encode, request.query),
-                    asyncio.to_thread(self._fetch, ids),
+                    asyncio.to_thread(self._fetch, ids, probe, fetch_started),
                 )
             else:
-                batch = await asyncio.to_thread(self._fetch, ids)
+                batch = await asyncio.to_thread(self._fetch, ids, probe, fetch_started)
         else:
             encoded, ids, batch = await asyncio.to_thread(
                 self._retrieve_and_fetch, request.query, encoded, request.retrieve_k
@@ -199,22 +202,21 @@ class Pipeline:
             contributions,
         )
 
-    # Blocking stage calls, each timed; they run on worker threads.
+    # Stage calls, each timed. They block (worker threads), except a fetch whose cache probe
+    # was complete, which does no I/O and runs on the loop.
 
     def _encode(self, query: str) -> EncodedQuery:
         with self._metrics.stage("encode"):
             return self.encoder.encode(query)
 
-    def _cached(self, ids: list[str]) -> FeatureBatch | None:
-        started = time.perf_counter()
-        batch = self.fetcher.cached(ids)
-        if batch is not None:
-            self._metrics.observe_stage("fetch", time.perf_counter() - started)
+    def _fetch(
+        self, ids: list[str], probe: CacheProbe | None = None, started: float | None = None
+    ) -> FeatureBatch:
+        """Timed from ``started`` (when the request's cache probe began), else from now."""
+        started = time.perf_counter() if started is None else started
+        batch = self.fetcher.fetch(ids, probe)
+        self._metrics.observe_stage("fetch", time.perf_counter() - started)
         return batch
-
-    def _fetch(self, ids: list[str]) -> FeatureBatch:
-        with self._metrics.stage("fetch"):
-            return self.fetcher.fetch(ids)
 
     def _retrieve_and_fetch(
         self, query: str, encoded: EncodedQuery | None, k: int

@@ -31,6 +31,11 @@ class CacheProbe(NamedTuple):
     rows: np.ndarray  # their rows, in that order
     miss_positions: np.ndarray  # int64 positions of the ids to fetch from the store
 
+    @property
+    def complete(self) -> bool:
+        """Every probed id was cached."""
+        return not len(self.miss_positions)
+
 
 class FeatureCache:
     def __init__(self, capacity: int, dims: int, dtype: np.dtype | type = np.float16) -> None:

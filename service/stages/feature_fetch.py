@@ -4,9 +4,9 @@ in:  ids: list[str]
 out: FeatureBatch(matrix float16 [n_found, text_dims + image_dims], found int64 [n_found],
      missing list[str]) from the store version the model was exported with
 
-``cached`` is the cheap probe the event loop may call (a batch when every id is cached);
-``warm`` (at start-up), ``fetch`` and ``check`` are blocking (Redis or the file system): call
-them off the event loop.
+``probe`` is the cheap cache lookup the event loop may call; ``fetch`` given a complete probe
+does no I/O either. ``warm`` (at start-up), ``fetch`` with misses and ``check`` block (Redis or
+the file system): call them off the event loop.
 Only rows of the model's own feature version enter the cache (stages.feature_cache), so a
 request served from it ranks exactly as one served from the store. Ids the store does not
 know are not cached: they are asked for again, in case a later version has them.
@@ -21,7 +21,7 @@ import numpy as np
 
 from service.errors import FeatureStoreError, FeatureVersionMismatch, NoPublishedVersion
 from service.features import FeatureBatch, FeatureLayout, FeatureStore
-from service.stages.feature_cache import FeatureCache
+from service.stages.feature_cache import CacheProbe, FeatureCache
 
 
 class CacheObserver(Protocol):
@@ -48,23 +48,21 @@ class FeatureFetcher:
     def version(self) -> str:
         return self._version
 
-    def cached(self, ids: Sequence[str]) -> FeatureBatch | None:
-        """The batch of ``ids`` when the cache holds every one of them, else None (cheap)."""
-        if self._cache is None:
-            return None
-        probe = self._cache.probe(ids)
-        if len(probe.miss_positions):
-            return None
-        self._observe(len(ids), 0)
-        return FeatureBatch(self._version, self._layout, probe.rows, probe.hit_positions)
+    def probe(self, ids: Sequence[str]) -> CacheProbe | None:
+        """Which of ``ids`` the cache holds (cheap: the event loop may call it); None when
+        there is no cache."""
+        return None if self._cache is None else self._cache.probe(ids)
 
-    def fetch(self, ids: Sequence[str]) -> FeatureBatch:
-        """The features of ``ids``: cached rows, the rest from the store (blocking)."""
+    def fetch(self, ids: Sequence[str], probe: CacheProbe | None = None) -> FeatureBatch:
+        """The features of ``ids``: cached rows, the rest from the store in one round trip.
+        ``probe`` is this request's probe when the caller made one; when it is complete
+        nothing blocks, otherwise this blocks on the store."""
         if self._cache is None:
             return self._fetch_from_store(ids)
-        probe = self._cache.probe(ids)
+        if probe is None:
+            probe = self._cache.probe(ids)
         self._observe(len(probe.hit_positions), len(probe.miss_positions))
-        if not len(probe.miss_positions):
+        if probe.complete:
             return FeatureBatch(self._version, self._layout, probe.rows, probe.hit_positions)
         fetched = self._fetch_from_store([ids[p] for p in probe.miss_positions])
         fetched_positions = probe.miss_positions[fetched.found]

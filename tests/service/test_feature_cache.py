@@ -77,7 +77,7 @@ def test_fetch_through_the_cache_equals_the_store_and_survives_redis_going_away(
         cached = FeatureFetcher(store, manifest.layout, version, cache_items=1000)
 
         first = ids[:300]
-        assert cached.cached(first) is None  # nothing cached yet
+        assert not cached.probe(first).complete  # nothing cached yet
         cached.fetch(first)
         # Cached, fetched and unknown ids mixed, in an order unlike either fetch.
         mixed = [*ids[250:400], "no-such-id", *ids[::-7][:50], *ids[:50]]
@@ -86,13 +86,15 @@ def test_fetch_through_the_cache_equals_the_store_and_survives_redis_going_away(
         assert got.missing == want.missing == ["no-such-id"]
         np.testing.assert_array_equal(got.matrix, want.matrix)
 
-        again = cached.cached(first)
-        assert again is not None
+        probe = cached.probe(first)
+        assert probe.complete
+        again = cached.fetch(first, probe)
         np.testing.assert_array_equal(again.matrix, plain.fetch(first).matrix)
 
         redis.stop()
-        after = cached.cached(first)  # answered in-process: Redis is not asked
-        assert after is not None and after.found.tolist() == list(range(300))
+        probe = cached.probe(first)
+        after = cached.fetch(first, probe)  # answered in-process: Redis is not asked
+        assert probe.complete and after.found.tolist() == list(range(300))
         with pytest.raises(FeatureStoreUnavailable):
             cached.fetch(ids[-5:])  # never fetched, so the store must answer
         store.close()
@@ -110,10 +112,10 @@ def test_warming_loads_the_first_ids_that_fit(
         assert fetcher.warm([*ids[:300], "no-such-id", *ids[300:]], chunk=128) == 699
         want = FeatureFetcher(store, manifest.layout, version).fetch(ids[:699])
         redis.stop()
-        got = fetcher.cached(ids[:699])
-        assert got is not None
-        np.testing.assert_array_equal(got.matrix, want.matrix)
-        assert fetcher.cached(ids[699:701]) is None
+        probe = fetcher.probe(ids[:699])
+        assert probe.complete
+        np.testing.assert_array_equal(fetcher.fetch(ids[:699], probe).matrix, want.matrix)
+        assert not fetcher.probe(ids[699:701]).complete
         store.close()
 
 
