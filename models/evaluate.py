@@ -265,7 +265,7 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
             **bench.query_counts,
             "train_templates": list(TRAIN_TEMPLATES),
             "heldout_templates": list(HELDOUT_TEMPLATES),
-            "eval_list_size": plan.eval_list,
+            "eval_list_size": bench.plan.eval_list,
         },
         "default": default,
         "splits": results,
