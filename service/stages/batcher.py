@@ -11,6 +11,10 @@ packs the batch into per-bucket buffers allocated once (``query_embedding`` [Q, 
 that holds the rows), runs it and splits the outputs back. While a batch runs, the next one
 gathers, so under load batches form without waiting on the timer.
 
+A request that has gone before its batch runs (cancelled at its deadline, or its client
+disconnected) leaves a cancelled future behind; the batch drops its job unscored, so it takes
+no rows in the run, and a batch left with no job runs nothing. Drops are counted.
+
 Query rows are padded with zeros to a multiple of QUERY_ROW_MULTIPLE: onnxruntime's CPU GEMM
 rounds a lone remainder row differently (measured: Q=1, or the last row of an odd Q, differs by
 one float32 ulp), and with the padding a request scores exactly the same alone or batched.
@@ -53,6 +57,8 @@ class BatchObserver(Protocol):
         self, *, rows: int, requests: int, reason: str, queue_waits: Sequence[float]
     ) -> None: ...
 
+    def batch_jobs_dropped(self, jobs: int) -> None: ...
+
 
 @dataclass(eq=False, slots=True)
 class _Job:
@@ -86,6 +92,7 @@ class Batcher:
         self._jobs: deque[_Job] = deque()
         self._arrived = asyncio.Event()
         self._running: list[_Job] = []
+        self._dropped = 0  # jobs dropped since the observer was last told
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fusionrank-infer")
@@ -154,6 +161,15 @@ class Batcher:
             # Jobs taken off the queue stay reachable from close() until they are answered.
             self._running = batch = []
             reason = await self._collect(batch)
+            # A request can also go while its batch gathers; drop it before it takes rows.
+            live = [job for job in batch if not job.future.done()]
+            self._dropped += len(batch) - len(live)
+            batch[:] = live
+            if self._dropped:
+                self._observe_dropped()
+            if reason is None or not batch:
+                self._running = []
+                continue
             try:
                 results, started = await loop.run_in_executor(
                     self._executor, self._run_batch, batch
@@ -166,20 +182,25 @@ class Batcher:
             finally:
                 self._running = []
             for job, result in zip(batch, results, strict=True):
-                if not job.future.done():  # a request that went away has a cancelled future
+                if not job.future.done():  # a request can still go while its batch runs
                     job.future.set_result(result)
             if self._observer is not None:
                 self._observe(batch, reason, started)
 
-    async def _collect(self, batch: list[_Job]) -> str:
-        """Fill ``batch`` in arrival order, up to max_batch rows or max_wait after the first;
-        return the release reason."""
+    async def _collect(self, batch: list[_Job]) -> str | None:
+        """Fill ``batch`` in arrival order with the jobs of requests still waiting, up to
+        max_batch rows or max_wait after the first; return the release reason, or None when
+        every queued request had gone."""
         jobs = self._jobs
+        self._drop_gone()
+        if not jobs:
+            return None
         first = jobs.popleft()
         batch.append(first)
         rows = first.rows
         deadline = first.enqueued + self._max_wait
         while True:
+            self._drop_gone()
             if jobs:
                 if rows + jobs[0].rows > self.max_batch:
                     return FULL
@@ -198,6 +219,22 @@ class Batcher:
                     await self._arrived.wait()
             except TimeoutError:
                 return TIMEOUT
+
+    def _drop_gone(self) -> None:
+        """Drop the queue's leading jobs whose requests have gone, so they take no rows."""
+        jobs = self._jobs
+        while jobs and jobs[0].future.done():
+            jobs.popleft()
+            self._dropped += 1
+
+    def _observe_dropped(self) -> None:
+        dropped, self._dropped = self._dropped, 0
+        if self._observer is None:
+            return
+        try:
+            self._observer.batch_jobs_dropped(dropped)
+        except Exception:  # metrics must never stop the batcher
+            log.exception("batch observer failed")
 
     def _observe(self, batch: list[_Job], reason: str, started: float) -> None:
         try:

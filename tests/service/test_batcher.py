@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.errors import ServiceNotReady
+from service.metrics import ServiceMetrics
 from service.stages.batcher import FULL, TIMEOUT, Batcher
 from service.stages.scoring import bucket_sizes
 
@@ -44,6 +45,7 @@ class FakeScorer:
 class Observer:
     def __init__(self) -> None:
         self.batches: list[dict] = []
+        self.dropped: list[int] = []
 
     def batch_released(
         self, *, rows: int, requests: int, reason: str, queue_waits: Sequence[float]
@@ -51,6 +53,31 @@ class Observer:
         self.batches.append(
             {"rows": rows, "requests": requests, "reason": reason, "waits": list(queue_waits)}
         )
+
+    def batch_jobs_dropped(self, jobs: int) -> None:
+        self.dropped.append(jobs)
+
+
+class HeldScorer(FakeScorer):
+    """A FakeScorer whose runs wait for ``release`` (so jobs queue behind the running batch)
+    and that records the feature rows of every run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running, self.release = threading.Event(), threading.Event()
+        self.rows: list[bytes] = []
+
+    def __call__(
+        self, query: np.ndarray, features: np.ndarray, index: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        self.rows.extend(row.tobytes() for row in features)
+        self.running.set()
+        self.release.wait(5)
+        return super().__call__(query, features, index)
+
+
+def row_keys(features: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in features}
 
 
 def make_batcher(
@@ -207,6 +234,86 @@ async def test_a_cancelled_request_does_not_disturb_the_others() -> None:
         assert len((await kept).score) == 3
     finally:
         await batcher.close()
+
+
+async def test_requests_gone_while_queued_are_dropped_before_scoring() -> None:
+    scorer, observer = HeldScorer(), Observer()
+    batcher = make_batcher(scorer, max_wait_us=0, observer=observer)
+    try:
+        first = asyncio.ensure_future(batcher.score(*request(0, 2)))
+        await asyncio.to_thread(scorer.running.wait, 5)  # the first batch holds the thread
+        queued = [request(seed, 3) for seed in range(1, 5)]
+        tasks = [asyncio.ensure_future(batcher.score(q, f)) for q, f in queued]
+        await asyncio.sleep(0)  # every task has queued its job and awaits its future
+        tasks[0].cancel()  # the head of the queue and one in the middle go
+        tasks[2].cancel()
+        scorer.release.set()
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(first, *tasks, return_exceptions=True)
+    finally:
+        await batcher.close()
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert isinstance(results[3], asyncio.CancelledError)
+    # 2 + 3 live rows; the gone jobs' 6 rows would have needed the 16 bucket.
+    assert scorer.runs == [(4, 4), (4, 8)]
+    seen = set(scorer.rows)
+    for gone in (0, 2):
+        assert not row_keys(queued[gone][1]) & seen
+    for kept in (1, 3):
+        query, features = queued[kept]
+        assert row_keys(features) <= seen
+        np.testing.assert_array_equal(results[kept + 1].score, expected(query, features))
+        np.testing.assert_array_equal(results[kept + 1].text_contribution, features[:, 0])
+    assert sum(observer.dropped) == 2
+    assert [b["requests"] for b in observer.batches] == [1, 2]
+    assert [b["rows"] for b in observer.batches] == [2, 6]
+
+
+async def test_requests_gone_while_their_batch_gathers_are_dropped_and_counted() -> None:
+    scorer, metrics = FakeScorer(), ServiceMetrics()
+    runs: list[np.ndarray] = []
+
+    def run(query: np.ndarray, features: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, ...]:
+        runs.append(features.copy())
+        return scorer(query, features, index)
+
+    batcher = make_batcher(run, max_wait_us=300_000, observer=metrics)  # type: ignore[arg-type]
+    (kept_query, kept_features), (gone_query, gone_features) = request(0, 3), request(1, 5)
+    try:
+        kept = asyncio.ensure_future(batcher.score(kept_query, kept_features))
+        gone = asyncio.ensure_future(batcher.score(gone_query, gone_features))
+        await asyncio.sleep(0.02)  # both are in the batch, which waits out max_wait
+        gone.cancel()
+        async with asyncio.timeout(5):
+            result = await kept
+    finally:
+        await batcher.close()
+    assert gone.cancelled()
+    assert scorer.runs == [(4, 4)]  # 3 rows; with the 5 gone rows it would be the 8 bucket
+    assert not row_keys(gone_features) & row_keys(runs[0])
+    np.testing.assert_array_equal(result.score, expected(kept_query, kept_features))
+    assert metrics.registry.get_sample_value("fusionrank_batch_jobs_dropped_total") == 1
+    assert metrics.registry.get_sample_value("fusionrank_batch_requests_count") == 1
+
+
+async def test_a_batch_whose_requests_all_went_runs_nothing() -> None:
+    scorer, observer = FakeScorer(), Observer()
+    batcher = make_batcher(scorer, max_wait_us=200_000, observer=observer)
+    try:
+        gone = [asyncio.ensure_future(batcher.score(*request(s, 2))) for s in range(2)]
+        await asyncio.sleep(0.01)  # the batch gathers, waiting out max_wait
+        for task in gone:
+            task.cancel()
+        async with asyncio.timeout(5):
+            while sum(observer.dropped) < 2:  # told at release, once max_wait has passed
+                await asyncio.sleep(0.01)
+        assert scorer.runs == [] and observer.batches == []
+        async with asyncio.timeout(5):
+            assert len((await batcher.score(*request(2, 3))).score) == 3  # the loop goes on
+    finally:
+        await batcher.close()
+    assert scorer.runs == [(4, 4)]
+    assert sum(observer.dropped) == 2
 
 
 async def test_warm_up_runs_every_bucket_and_empty_or_oversize_requests() -> None:
