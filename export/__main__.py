@@ -1,7 +1,10 @@
 """python -m export --data DIR [--out artifacts] [--strategy S] [--redis-url URL]
 
 Train (when no checkpoint fits) -> export -> publish. Idempotent: rerunning on unchanged
-inputs reuses the exported version and publishes nothing.
+inputs reuses the exported version and publishes nothing. Publishing keeps the newest
+--keep-versions feature versions and every version superseded less than --retention-grace-s
+ago (replicas may still serve them) and removes the rest; --retire-only applies that rule
+and does nothing else.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 from pathlib import Path
 
 from models.ranker import STRATEGIES
+from service.features import Retention
 
 
 def main() -> None:
@@ -28,6 +32,25 @@ def main() -> None:
     parser.add_argument(
         "--redis-prefix", default=os.environ.get("FUSIONRANK_REDIS_PREFIX", "fusionrank")
     )
+    parser.add_argument(
+        "--keep-versions",
+        type=int,
+        default=int(os.environ.get("FUSIONRANK_FEATURE_KEEP_VERSIONS", "2")),
+        help="newest feature versions kept in the store (default: "
+        "$FUSIONRANK_FEATURE_KEEP_VERSIONS, else 2)",
+    )
+    parser.add_argument(
+        "--retention-grace-s",
+        type=float,
+        default=float(os.environ.get("FUSIONRANK_FEATURE_RETENTION_GRACE_S", "600")),
+        help="older versions are kept until superseded this long ago (default: "
+        "$FUSIONRANK_FEATURE_RETENTION_GRACE_S, else 600)",
+    )
+    parser.add_argument(
+        "--retire-only",
+        action="store_true",
+        help="only remove the feature versions the retention rule no longer keeps",
+    )
     parser.add_argument("--index-factory", default="auto", help="FAISS factory string or auto")
     parser.add_argument(
         "--index-shards",
@@ -36,6 +59,22 @@ def main() -> None:
         help="cut the index into N shard files (a new export only: an exported version is reused)",
     )
     args = parser.parse_args()
+    try:
+        retention = Retention(keep=args.keep_versions, grace_s=args.retention_grace_s)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    if args.retire_only:
+        from service.features import open_feature_store
+
+        store = open_feature_store(args.redis_url, args.out / "features", prefix=args.redis_prefix)
+        try:
+            removed = store.retire(retention)
+            print(f"current features: {store.current_version()}; kept {store.versions()}")
+        finally:
+            store.close()
+        print(f"removed feature versions: {', '.join(removed) or 'none'}")
+        return
 
     from export.pipeline import run
 
@@ -47,6 +86,7 @@ def main() -> None:
         redis_prefix=args.redis_prefix,
         index_factory=args.index_factory,
         index_shards=args.index_shards,
+        retention=retention,
     )
     print(f"current model: {report.version} ({report.version_dir})")
 

@@ -48,7 +48,13 @@ from models.evaluate import (
 )
 from models.queries import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, QueryGenerator
 from models.ranker import FusedRanker
-from service.features import FeatureLayout, FeatureStore, open_feature_store
+from service.features import (
+    DEFAULT_RETENTION,
+    FeatureLayout,
+    FeatureStore,
+    Retention,
+    open_feature_store,
+)
 from service.manifest import CURRENT_FILE, Manifest, write_manifest
 
 # 2: query share of the first layers computed once per query; 3: int8 query encoder beside
@@ -71,11 +77,17 @@ def _checkpoint(
     out: Path, catalogue: Catalogue, strategy: str | None, log
 ) -> tuple[Path, FusedRanker, dict]:
     checkpoints = checkpoint_dir(out, catalogue.fingerprint)
+    source = "--strategy"
     if strategy is None:
         default = checkpoints / "default.json"
-        strategy = json.loads(default.read_text())["strategy"] if default.is_file() else "hybrid"
+        if default.is_file():
+            strategy = json.loads(default.read_text())["strategy"]
+            source = "the evaluation's choice"
+        else:
+            strategy, source = "hybrid", "no evaluation in this artifacts directory"
     path = checkpoints / f"{strategy}.pt"
     if path.is_file():
+        log(f"using checkpoint {path} ({strategy}: {source})")
         model, payload = load_checkpoint(path)
         return path, model, payload
     log(f"no checkpoint {path}: training {strategy} now")
@@ -233,6 +245,7 @@ def run(
     index_factory: str = "auto",
     index_shards: int = 1,
     store: FeatureStore | None = None,
+    retention: Retention = DEFAULT_RETENTION,
     log=print,
 ) -> ExportReport:
     from models.catalogue import load_catalogue
@@ -266,7 +279,9 @@ def run(
         )
 
     store = store or open_feature_store(redis_url, out / "features", prefix=redis_prefix)
-    report = store.publish(embeddings.ids, features, manifest.layout, feature_version)
+    report = store.publish(
+        embeddings.ids, features, manifest.layout, feature_version, retention=retention
+    )
     if report.items:
         rate = report.items / max(report.seconds, 1e-9)
         log(
@@ -274,7 +289,9 @@ def run(
             f"{feature_version} in {report.seconds:.1f}s ({rate:.0f} items/s)"
         )
     else:
-        log(f"features {feature_version} already published: nothing to do")
+        log(f"features {feature_version} already stored whole: nothing written")
+    if report.removed_versions:
+        log(f"retired feature versions {', '.join(report.removed_versions)} ({retention})")
     write_items(catalogue, out, log)  # titles and photos for the search page
     (out / "models" / CURRENT_FILE).write_text(version + "\n")
     return ExportReport(

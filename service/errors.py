@@ -5,10 +5,11 @@ can catch the whole family with one clause and the service can map families to H
 
     FusionRankError
     ├── FeatureStoreError            per-item feature store (service.features)
-    │   ├── FeatureStoreUnavailable  backend down or timed out (service answers 503)
-    │   ├── FeatureFormatError       a stored value has a wrong header or length
-    │   ├── NoPublishedVersion       nothing has been published yet
-    │   └── FeatureVersionMismatch   the store serves features of another model export
+    │   ├── FeatureStoreUnavailable  backend down or timed out (503)
+    │   ├── FeatureStoreFault        the backend refused a command: permissions, type, memory
+    │   ├── FeatureFormatError       stored data of a version is unreadable (500)
+    │   ├── NoPublishedVersion       nothing has been published yet (503)
+    │   └── FeatureVersionMissing    the version a model reads is not (or no longer) stored
     ├── CatalogueError               offline: malformed catalogue (names file and row)
     ├── ArtifactError                missing or invalid model artifacts
     │   ├── ExportParityError        offline: an exported graph disagrees with PyTorch
@@ -17,6 +18,11 @@ can catch the whole family with one clause and the service can map families to H
     ├── ServiceNotReady              the service is loading, failed to load, or shutting down
     ├── Overloaded                   too many requests in flight: refused at once (503)
     └── DeadlineExceeded             a request ran past request_timeout_s (503)
+
+What each class answers over HTTP is decided in one place, ``service.http_errors``: 503 with
+Retry-After only for transient conditions (a dependency down or slow, overload, not ready), a
+JSON 500 naming the reason for faults of the service or its data, 409 for a refused reload.
+One undecodable item value is not an error at all: the item is reported missing.
 
 Add new classes here, under the narrowest fitting parent, with a one-line docstring.
 """
@@ -34,16 +40,22 @@ class FeatureStoreUnavailable(FeatureStoreError):
     """The feature store backend is down or timed out; the service maps this to 503."""
 
 
+class FeatureStoreFault(FeatureStoreError):
+    """The backend answered a command with an error (no permission, wrong type, out of
+    memory): a fault of its configuration or data that retrying does not mend."""
+
+
 class FeatureFormatError(FeatureStoreError):
-    """A stored feature value has a wrong header or length; the message names the id/key."""
+    """Stored data of a version (its meta, a value) is unreadable; the message names the key."""
 
 
 class NoPublishedVersion(FeatureStoreError):
     """No feature version has been published yet."""
 
 
-class FeatureVersionMismatch(FeatureStoreError):
-    """The store's current features are not the ones the loaded model was exported with."""
+class FeatureVersionMissing(FeatureStoreError):
+    """The feature version a model reads is not wholly in the store: not published yet, or
+    retired (the replica serving that model is not ready; another may be)."""
 
 
 class CatalogueError(FusionRankError):

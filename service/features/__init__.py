@@ -7,13 +7,21 @@ Redis for another URL, otherwise a local directory. All implement :class:`Featur
 
 from pathlib import Path
 
-from service.features.base import FeatureBatch, FeatureStore, PublishReport
+from service.features.base import (
+    DEFAULT_RETENTION,
+    FeatureBatch,
+    FeatureStore,
+    PublishReport,
+    Retention,
+)
 from service.features.cluster_store import RedisClusterFeatureStore
 from service.features.embedded import EmbeddedFeatureStore
 from service.features.format import FeatureLayout, decode_values, encode_matrix
 from service.features.redis_store import RedisFeatureStore
 
 __all__ = [
+    "DEFAULT_RETENTION",
+    "Retention",
     "EmbeddedFeatureStore",
     "FeatureBatch",
     "FeatureLayout",

@@ -4,8 +4,10 @@ the rest of the cluster from them.
 
 Keys (the prefix must not contain braces: they would become the hash tag of every key)::
 
-    {prefix}:current                         pointer: "<version> <switch id> <grace ms>"
-    {prefix}:v:{version}:meta                JSON {"layout", "count", "created", "buckets"}
+    {prefix}:current                         the newest published version's name
+    {prefix}:published                       hash: version -> last publish time (Unix seconds)
+    {prefix}:v:{version}:meta                JSON {"layout", "count", "created", "buckets",
+                                             "grace_ms", "written"}
     {prefix}:v:{version}:i:{<tag>}<id>       one item's value (see format.py)
 
 **Spreading items over the cluster.** A hash tag naming the version would put a whole version
@@ -22,39 +24,41 @@ version over at most ``buckets`` masters.
 
 **One round trip per shard owner.** A fetch groups its buckets by the master owning each
 bucket's slot (the client's slot map), writes one pipeline of MGETs to every master before
-reading any reply, and adds ``GET pointer`` to the pipeline of the master that owns the
-pointer. A redirection (MOVED/ASK/TRYAGAIN after resharding or failover) refreshes the slot map
-and redoes that attempt through redis-py's ``mget_nonatomic``, which follows redirections.
+reading any reply, and adds ``GET meta`` of the version to the pipeline of the master that
+owns the meta key. A redirection (MOVED/ASK/TRYAGAIN after resharding or failover) refreshes
+the slot map and redoes that attempt through redis-py's ``mget_nonatomic``, which follows
+redirections, then reads the meta after every item.
 
-**Only whole versions, across slots.** The single-Redis store re-reads the pointer in the same
-MULTI/EXEC as its MGET. A cluster has no transaction across slots, and a pointer read sent in
-parallel with the item reads proves nothing on its own: the master holding the pointer may
-answer "v1" before the publisher switches to v2 and starts deleting v1, while another master
-serves the item reads after that deletion (v1 rows reported missing). The argument here:
+**Only whole versions, across slots.** The single-Redis store reads a version's meta in the
+same MGET as its items. A cluster has no atomic read across slots, and a meta read sent in
+parallel with the item reads proves nothing on its own: the master holding the meta may answer
+before a publisher retires the version, while another master serves the item reads after the
+items were deleted (rows reported missing). Versions live side by side (readers name the
+version their model reads; see base.py), so the question is only whether the version read was
+whole and untouched during the read. The argument:
 
-1. *Publisher.* Writes every key of the new version, then meta, then switches the pointer with
-   one SET whose value carries a switch id unique to this switch (uuid4) and the publisher's
-   deletion grace; then waits the grace G written in the pointer value it replaced (the one
-   readers of the old version rely on) after the SET returned, and only then deletes the other
-   versions (nothing to wait for when no pointer existed: no reader can hold one). A version's
-   keys are therefore complete before any pointer names it, and stay untouched until at least G
-   after the pointer stops naming it, G being the grace in that pointer value (one publisher at
-   a time, as for every backend; a version name never names other content).
-2. *Reader.* Holds a pointer value P (version v, grace G) read at some time t0. It notes its
-   monotonic clock at r0 (after t0), sends the item MGETs and the pointer GET to every master,
-   reads every reply, notes r1. If the pointer reply is P again, no switch happened between t0
-   and the pointer read at t_p in [r0, r1] (a switch writes a new switch id), so the next switch
-   away from v happens after t_p >= r0 and deletion of v after that plus G. Every item read
-   happened before r1; if r1 - r0 < G, they all happened before any deletion of v could start,
-   and after v was complete (v was named at t0 < r0): the rows are v's, whole.
-3. If the round trip took G or longer (a stall), the reader re-reads the pointer after all the
-   replies: still P means no switch up to that read, so no deletion of v had started during the
-   item reads. If the pointer reply is not P, the fetch is redone against the new value (at most
-   3 attempts, as the single-Redis store).
+1. *Publisher.* Writes every item of a version, then its meta, whose value carries an id unique
+   to this write (uuid4) and the publisher's deletion grace G. Retiring a version deletes its
+   meta first, waits the G written in that meta after the delete returned, and only then
+   deletes its items. So a version's items are complete whenever its meta exists, and stay
+   untouched until at least G after the meta is gone (one publisher at a time, as for every
+   backend; a version name never names other content).
+2. *Reader.* Holds a meta value M of version v (with grace G) read at some time t0. It notes
+   its monotonic clock at r0 (after t0), sends the item MGETs and ``GET meta`` to every master,
+   reads every reply, notes r1. If the meta reply is M again, that meta was not deleted between
+   t0 and its read at t_p in [r0, r1] (a rewrite would carry a new write id), so deletion of
+   v's items starts after t_p >= r0 plus G. Every item read happened before r1; if r1 - r0 < G
+   they all happened before any item of v was deleted, and after v was complete (M existed at
+   t0 < r0): the rows are v's, whole.
+3. If the round trip took G or longer (a stall), the reader reads the meta again after all the
+   replies: still M means no deletion had started when the items were read. A meta reply of
+   None means v was retired: the fetch raises FeatureVersionMissing. Another value means v was
+   retired and written again (same content): the fetch is redone with it as the new M (at most
+   3 attempts).
 
-The pointer read at the end of one fetch is the t0 of the next, so the steady state is one
-round trip per master. Monotonic clocks of reader and publisher only need to tick at about the
-same rate (they are never compared). A reader that saw no pointer yet reads it first.
+The meta read at the end of one fetch is the t0 of the next, so the steady state is one round
+trip per master. Monotonic clocks of reader and publisher only need to tick at about the same
+rate (they are never compared). A reader that holds no meta of v yet reads it first.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
     ClusterDownError,
     RedisClusterException,
     ResponseError,
@@ -92,42 +97,34 @@ try:
 except ImportError:  # redis[hiredis] is a dependency; plain redis-py still works
     hiredis = None
 
-from service.errors import FeatureFormatError, FeatureStoreUnavailable, NoPublishedVersion
-from service.features.base import FeatureBatch, PublishesVersions
+from service.errors import (
+    FeatureFormatError,
+    FeatureStoreFault,
+    FeatureStoreUnavailable,
+)
+from service.features.base import FeatureBatch, PublishesVersions, batch_from_values
 from service.features.format import FeatureLayout, encode_matrix
-from service.features.redis_store import _batch, _glob_escape
+from service.features.redis_store import _glob_escape
 
 SCHEME = "redis+cluster"
 DEFAULT_BUCKETS = 64
 DEFAULT_GRACE_S = 2.0
 _FETCH_ATTEMPTS = 3
+_VERSIONS_KEPT = 8  # parsed metas kept per store: the versions a process reads at once
 _SCAN_COUNT = 1000
 _REDIRECTIONS = (AskError, TryAgainError, ClusterDownError)  # MovedError is an AskError
 
 
 @dataclass(frozen=True)
-class _Pointer:
-    raw: bytes  # the whole value: the switch id makes it unique per switch
-    version: str
-    grace_s: float
-
-    @classmethod
-    def parse(cls, raw: bytes) -> _Pointer:
-        try:
-            version, _switch, grace_ms = raw.decode().split(" ")
-            return cls(raw, version, int(grace_ms) / 1000)
-        except ValueError as exc:
-            raise FeatureFormatError(f"invalid feature pointer value {raw!r}") from exc
-
-
-@dataclass(frozen=True)
 class _Version:
-    """What a reader needs of one (immutable) version: its layout and bucket tags."""
+    """What a reader needs of one (immutable) version, parsed from one meta value."""
 
     name: str
+    meta: bytes  # the whole meta value: its write id makes it unique per write
     layout: FeatureLayout
     tags: tuple[str, ...]
     slots: tuple[int, ...]  # slot of each bucket
+    grace_s: float  # the deletion grace its publisher promised (docstring: 1.)
 
 
 class RedisClusterFeatureStore(PublishesVersions):
@@ -154,8 +151,9 @@ class RedisClusterFeatureStore(PublishesVersions):
         self._buckets = buckets
         self._grace_s = grace_s
         self._pointer_key = f"{prefix}:current"
-        self._pointer: _Pointer | None = None  # the last pointer value seen (t0 of a fetch)
-        self._seen: _Version | None = None  # versions are immutable: cached for good
+        self._published_key = f"{prefix}:published"
+        # version -> what the last meta read of it said (the t0 of its next fetch)
+        self._known: dict[str, _Version] = {}
         self._refresh_slots = False
 
     @classmethod
@@ -188,50 +186,43 @@ class RedisClusterFeatureStore(PublishesVersions):
     # -- reading -----------------------------------------------------------------------
 
     def current_version(self) -> str | None:
-        with _unavailable_on_cluster_error():
-            pointer = self._read_pointer()
-        return None if pointer is None else pointer.version
+        with _cluster_errors():
+            raw = self._client().get(self._pointer_key)
+        # Earlier releases wrote "<version> <switch id> <grace ms>": the name comes first.
+        return None if raw is None else raw.decode().split(" ", 1)[0]
 
-    def layout(self) -> FeatureLayout:
-        version = self.current_version()
-        if version is None:
-            raise NoPublishedVersion(f"nothing published under {self._prefix!r}")
-        with _unavailable_on_cluster_error():
-            return self._version_info(version).layout
+    def layout(self, version: str | None = None) -> FeatureLayout:
+        version = self._named(version)
+        with _cluster_errors():
+            return self._read_version(version).layout
 
-    def fetch(self, ids: Sequence[str]) -> FeatureBatch:
+    def fetch(self, ids: Sequence[str], version: str | None = None) -> FeatureBatch:
         ids = list(ids)
-        with _unavailable_on_cluster_error():
-            pointer = self._pointer if ids else None
-            if pointer is None:
-                pointer = self._read_pointer()
+        name = self._named(version)
+        with _cluster_errors():
+            known = self._known.get(name) or self._read_version(name)
+            if not ids:
+                return batch_from_values(name, known.layout, ids, [])
             for _ in range(_FETCH_ATTEMPTS):
-                if pointer is None:
-                    raise NoPublishedVersion(f"nothing published under {self._prefix!r}")
-                version = self._version_info(pointer.version)
-                if not ids:
-                    return _batch(version.name, version.layout, ids, [])
-                values, seen, read_after = self._read_items(version, ids, pointer.grace_s)
-                if seen == pointer.raw and not read_after:
-                    seen = self._read_pointer_raw()  # the round trip stalled: check again
-                if seen == pointer.raw:
-                    self._pointer = pointer
-                    return _batch(version.name, version.layout, ids, values)
-                pointer = None if seen is None else _Pointer.parse(seen)
-                self._pointer = pointer
+                values, meta, proven = self._read_items(known, ids)
+                if meta == known.meta and not proven:
+                    meta = self._client().get(self._meta_key(name))  # stalled: check again
+                if meta == known.meta:
+                    return batch_from_values(name, known.layout, ids, values)
+                known = self._remember(name, meta)  # retired, or retired and written again
         raise FeatureStoreUnavailable(
-            f"feature version under {self._prefix!r} kept changing during one fetch"
+            f"feature version {name} under {self._prefix!r} kept changing during one fetch"
         )
 
     def ping(self) -> None:
-        with _unavailable_on_cluster_error():
+        with _cluster_errors():
             client = self._client()
             for node in client.get_primaries():
                 client.get_redis_connection(node).ping()
 
     def versions(self) -> list[str]:
         """Walks the whole keyspace of every master: for admin and tests, not requests."""
-        with _unavailable_on_cluster_error():
+        with _cluster_errors():
             return sorted({self._version_of(key) for key in self._scan_version_keys()})
 
     def close(self) -> None:
@@ -241,6 +232,10 @@ class RedisClusterFeatureStore(PublishesVersions):
             client.close()
 
     # -- publishing --------------------------------------------------------------------
+
+    def _is_whole(self, version: str) -> bool:
+        with _cluster_errors():
+            return bool(self._client().exists(self._meta_key(version)))
 
     def _write_version(
         self,
@@ -254,7 +249,7 @@ class RedisClusterFeatureStore(PublishesVersions):
     ) -> None:
         """Write a whole version without making it current; meta is written last."""
         tags = bucket_tags(self._prefix, self._buckets)
-        with _unavailable_on_cluster_error():
+        with _cluster_errors():
             client = self._client()
             # Leftovers of a killed publish of this same version must not leak into it.
             self._unlink(self._scan_version_keys(version))
@@ -275,39 +270,50 @@ class RedisClusterFeatureStore(PublishesVersions):
                 "count": len(ids),
                 "created": datetime.now(UTC).isoformat(),
                 "buckets": list(tags),
+                "grace_ms": round(self._grace_s * 1000),
+                "written": uuid.uuid4().hex,  # tells this write from a later one (docstring: 1.)
             }
             client.set(self._meta_key(version), json.dumps(meta))
 
-    def _switch_to(self, version: str) -> list[str]:
-        with _unavailable_on_cluster_error():
-            replaced = self._read_pointer()
-            value = f"{version} {uuid.uuid4().hex} {round(self._grace_s * 1000)}"
-            self._client().set(self._pointer_key, value)
-            if replaced is not None:  # readers holding it trust its grace (docstring: 1.)
-                time.sleep(replaced.grace_s)
-            return self._delete_versions(keep=version)
+    def _published(self) -> dict[str, float]:
+        with _cluster_errors():
+            raw = self._client().hgetall(self._published_key)
+        return {name.decode(): float(at) for name, at in raw.items()}
 
-    def _delete_versions(self, keep: str) -> list[str]:
-        removed: set[str] = set()
+    def _record_published(self, version: str, at: float) -> None:
+        with _cluster_errors():
+            self._client().hset(self._published_key, version, repr(at))
 
-        def doomed() -> Iterator[bytes]:
-            for key in self._scan_version_keys():
-                version = self._version_of(key)
-                if version != keep:
-                    removed.add(version)
-                    yield key
+    def _set_pointer(self, version: str) -> None:
+        with _cluster_errors():
+            self._client().set(self._pointer_key, version)
 
-        self._unlink(doomed())
-        return sorted(removed)
+    def _delete_versions(self, versions: set[str]) -> None:
+        """Metas first; then, the longest grace those metas promised later, the items."""
+        with _cluster_errors():
+            client = self._client()
+            grace_s = 0.0
+            for version in versions:
+                raw = client.get(self._meta_key(version))
+                if raw is not None:
+                    try:
+                        grace_s = max(grace_s, int(json.loads(raw)["grace_ms"]) / 1000)
+                    except (ValueError, KeyError, TypeError):
+                        grace_s = max(grace_s, self._grace_s)  # unreadable: our own grace
+                    client.delete(self._meta_key(version))
+            time.sleep(grace_s)  # readers holding those metas may still be reading items
+            for version in sorted(versions):
+                self._unlink(self._scan_version_keys(version))
+            client.hdel(self._published_key, *versions)
 
     # -- the fetch round trip ----------------------------------------------------------
 
     def _read_items(
-        self, version: _Version, ids: list[str], grace_s: float
+        self, version: _Version, ids: list[str]
     ) -> tuple[list[bytes | None], bytes | None, bool]:
-        """(values in ``ids`` order, the pointer value read, whether that read proves the
-        items whole) in one round trip per master. It does when the round trip was shorter
-        than ``grace_s``, the grace of the pointer value the fetch relies on (docstring: 2.)."""
+        """(values in ``ids`` order, the version's meta value read, whether that read proves
+        the items whole) in one round trip per master. It does when the round trip was shorter
+        than the grace of the meta value the fetch relies on (docstring: 2.)."""
         client = self._client()
         if self._refresh_slots:
             self._refresh_slots = False
@@ -334,10 +340,9 @@ class RedisClusterFeatureStore(PublishesVersions):
             entry = plan.setdefault(node.name, (node, [], []))
             entry[1].append(("MGET", *(keys[order_list[j]] for j in range(start, end))))
             entry[2].append((start, end))
-        pointer_node = manager.get_node_from_slot(key_slot(self._pointer_key.encode()))
-        plan.setdefault(pointer_node.name, (pointer_node, [], []))[1].append(
-            ("GET", self._pointer_key)
-        )
+        meta_key = self._meta_key(version.name)
+        meta_node = manager.get_node_from_slot(key_slot(meta_key.encode()))
+        plan.setdefault(meta_node.name, (meta_node, [], []))[1].append(("GET", meta_key))
 
         started = time.monotonic()
         pipelines = [(node, commands) for node, commands, _ in plan.values()]
@@ -345,7 +350,7 @@ class RedisClusterFeatureStore(PublishesVersions):
         elapsed = time.monotonic() - started
 
         values_sorted: list[bytes | None] = [None] * len(ids)
-        pointer_raw: bytes | None = None
+        meta: bytes | None = None
         redirected = False
         for (_, _, ranges), node_replies in zip(plan.values(), replies, strict=True):
             for reply in node_replies:
@@ -359,17 +364,17 @@ class RedisClusterFeatureStore(PublishesVersions):
             for (start, end), reply in zip(ranges, mget_replies, strict=True):
                 values_sorted[start:end] = reply
             if len(node_replies) > len(ranges):
-                pointer_raw = node_replies[-1]
+                meta = node_replies[-1]
         if redirected:
             # The slot map is stale: refresh it and let redis-py follow the redirections,
-            # then read the pointer after every item.
+            # then read the meta after every item.
             manager.initialize()
             values = client.mget_nonatomic(keys)
-            return values, client.get(self._pointer_key), True
+            return values, client.get(meta_key), True
         values: list[bytes | None] = [None] * len(ids)
         for j, position in enumerate(order_list):
             values[position] = values_sorted[j]
-        return values, pointer_raw, elapsed < grace_s
+        return values, meta, elapsed < version.grace_s
 
     def _round_trip(
         self, client: RedisCluster, plan: list[tuple[ClusterNode, list[tuple[Any, ...]]]]
@@ -415,31 +420,36 @@ class RedisClusterFeatureStore(PublishesVersions):
                 client = self._client_
         return client
 
-    def _read_pointer_raw(self) -> bytes | None:
-        return self._client().get(self._pointer_key)
+    @property
+    def _where(self) -> str:
+        return f"under {self._prefix!r} (cluster)"
 
-    def _read_pointer(self) -> _Pointer | None:
-        raw = self._read_pointer_raw()
-        return None if raw is None else _Pointer.parse(raw)
+    def _read_version(self, version: str) -> _Version:
+        return self._remember(version, self._client().get(self._meta_key(version)))
 
-    def _version_info(self, version: str) -> _Version:
-        seen = self._seen
-        if seen is not None and seen.name == version:
-            return seen
-        raw = self._client().get(self._meta_key(version))
-        if raw is None:
-            raise FeatureFormatError(f"{self._meta_key(version)}: meta of version is missing")
+    def _remember(self, version: str, meta: bytes | None) -> _Version:
+        """Parse and keep ``version``'s meta value as read (None: the version is gone)."""
+        if meta is None:
+            self._known.pop(version, None)
+            raise self._missing(version)
+        known = self._known.get(version)
+        if known is not None and known.meta == meta:
+            return known
         try:
-            meta = json.loads(raw)
-            layout = FeatureLayout.from_dict(meta["layout"])
-            tags = tuple(str(tag) for tag in meta["buckets"])
+            parsed = json.loads(meta)
+            layout = FeatureLayout.from_dict(parsed["layout"])
+            tags = tuple(str(tag) for tag in parsed["buckets"])
+            grace_s = int(parsed["grace_ms"]) / 1000
             if not tags:
                 raise ValueError("no buckets")
         except (ValueError, KeyError, TypeError) as exc:
             raise FeatureFormatError(f"{self._meta_key(version)}: invalid meta: {exc}") from exc
-        info = _Version(version, layout, tags, tuple(key_slot(t.encode()) for t in tags))
-        self._seen = info
-        return info
+        slots = tuple(key_slot(t.encode()) for t in tags)
+        known = _Version(version, meta, layout, tags, slots, grace_s)
+        if len(self._known) >= _VERSIONS_KEPT:
+            self._known.clear()
+        self._known[version] = known
+        return known
 
     def _item_key_base(self, version: str) -> str:
         return f"{self._prefix}:v:{version}:i:"
@@ -516,10 +526,17 @@ def _bucket_of(ids: Sequence[str], buckets: int) -> np.ndarray:
 
 
 @contextmanager
-def _unavailable_on_cluster_error() -> Iterator[None]:
+def _cluster_errors() -> Iterator[None]:
+    """Cluster errors as the store's: unreachable, timed out or down is transient
+    (FeatureStoreUnavailable); an error reply or refused credentials are faults
+    (FeatureStoreFault), as on a single Redis."""
     try:
         yield
+    except AuthenticationError as exc:  # a ConnectionError subclass, but permanent
+        raise FeatureStoreFault(f"redis cluster refused the credentials: {exc}") from exc
     except (RedisConnectionError, RedisTimeoutError, ClusterDownError) as exc:
         raise FeatureStoreUnavailable(f"redis cluster feature store unavailable: {exc}") from exc
+    except ResponseError as exc:
+        raise FeatureStoreFault(f"redis cluster feature store answered an error: {exc}") from exc
     except RedisClusterException as exc:  # e.g. no seed node answers, a slot is not covered
         raise FeatureStoreUnavailable(f"redis cluster feature store unavailable: {exc}") from exc

@@ -2,15 +2,18 @@
 
 Layout on disk::
 
-    root/CURRENT                      the current version's name (replaced atomically)
+    root/CURRENT                      the newest published version's name (replaced atomically)
+    root/PUBLISHED.json               {version: when it was last published (Unix seconds)}
     root/<version>/features.npy       [N, dims] in the layout dtype, memory-mapped by readers
     root/<version>/ids.json           the N item ids, in row order
     root/<version>/layout.json        FeatureLayout.to_dict()
     root/.partial-<version>-<hex>/    a version being written (renamed to root/<version> when done)
+    root/.retired-<version>-<hex>/    a version being removed (renamed away first, then deleted)
 
-A reader keeps the opened version (memmap + id -> row dict) and reopens only when CURRENT
-changes, which it checks with one stat per fetch. An opened version stays readable after a
-publisher deletes it (POSIX keeps unlinked, mapped files alive), so a reader never mixes two.
+A version directory appears whole (one rename) and disappears whole (one rename), so a reader
+sees a version whole or not at all. A reader keeps each version it opened (memmap + id -> row
+dict) and checks with one stat per fetch that the directory is still there; a fetch that
+raced a removal still reads whole rows (POSIX keeps unlinked, mapped files alive).
 """
 
 from __future__ import annotations
@@ -25,18 +28,22 @@ from pathlib import Path
 
 import numpy as np
 
-from service.errors import FeatureFormatError, FeatureStoreUnavailable, NoPublishedVersion
+from service.errors import (
+    FeatureFormatError,
+    FeatureStoreUnavailable,
+)
 from service.features.base import FeatureBatch, PublishesVersions
 from service.features.format import FeatureLayout
 
 _POINTER = "CURRENT"
+_PUBLISHED = "PUBLISHED.json"
 _PARTIAL = ".partial-"
-_OPEN_ATTEMPTS = 3  # each retry means a publish removed the version between stat and open
+_RETIRED = ".retired-"
+_LAYOUT = "layout.json"
 
 
 @dataclass(frozen=True)
 class _OpenVersion:
-    pointer_stat: tuple[int, int, int]  # (inode, mtime_ns, size) of CURRENT when it was read
     version: str
     layout: FeatureLayout
     matrix: np.ndarray  # read-only memmap
@@ -48,7 +55,7 @@ class EmbeddedFeatureStore(PublishesVersions):
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
         self._pointer = self._root / _POINTER
-        self._open: _OpenVersion | None = None
+        self._opened: dict[str, _OpenVersion] = {}
 
     # -- reading -----------------------------------------------------------------------
 
@@ -58,11 +65,15 @@ class EmbeddedFeatureStore(PublishesVersions):
         except FileNotFoundError:
             return None
 
-    def layout(self) -> FeatureLayout:
-        return self._current().layout
+    def layout(self, version: str | None = None) -> FeatureLayout:
+        version = self._named(version)
+        try:
+            return _read_layout(self._root / version)
+        except FileNotFoundError:
+            raise self._missing(version) from None
 
-    def fetch(self, ids: Sequence[str]) -> FeatureBatch:
-        opened = self._current()
+    def fetch(self, ids: Sequence[str], version: str | None = None) -> FeatureBatch:
+        opened = self._open(self._named(version))
         rows = [opened.row_of.get(item_id) for item_id in ids]
         found = [pos for pos, row in enumerate(rows) if row is not None]
         missing = [ids[pos] for pos, row in enumerate(rows) if row is None]
@@ -80,15 +91,18 @@ class EmbeddedFeatureStore(PublishesVersions):
         names = set()
         for path in self._root.iterdir():
             if path.name.startswith(_PARTIAL):
-                names.add(path.name.removeprefix(_PARTIAL).rsplit("-", 1)[0])
-            elif path.is_dir():
+                names.add(_name_in(path.name, _PARTIAL))
+            elif path.is_dir() and not path.name.startswith("."):
                 names.add(path.name)
         return sorted(names)
 
     def close(self) -> None:
-        self._open = None
+        self._opened = {}
 
     # -- publishing --------------------------------------------------------------------
+
+    def _is_whole(self, version: str) -> bool:
+        return (self._root / version / _LAYOUT).is_file()
 
     def _write_version(
         self,
@@ -101,6 +115,7 @@ class EmbeddedFeatureStore(PublishesVersions):
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Write a whole version into a temp dir, then rename it to root/<version>."""
+        self._remove_leftovers({version})  # of a killed publish of this same version
         partial = self._root / f"{_PARTIAL}{version}-{uuid.uuid4().hex}"
         partial.mkdir()
         features = np.lib.format.open_memmap(
@@ -113,64 +128,94 @@ class EmbeddedFeatureStore(PublishesVersions):
         features.flush()
         del features
         (partial / "ids.json").write_text(json.dumps(list(ids)))
-        (partial / "layout.json").write_text(json.dumps(layout.to_dict()))
+        (partial / _LAYOUT).write_text(json.dumps(layout.to_dict()))
         final = self._root / version
-        if final.exists():  # complete but never made current: a publisher died after rename
+        if final.exists():  # left without a layout by a failed removal: not whole
             shutil.rmtree(final)
         partial.rename(final)
 
-    def _switch_to(self, version: str) -> list[str]:
-        _write_atomically(self._pointer, version)
-        return self._delete_versions(keep=version)
+    def _published(self) -> dict[str, float]:
+        try:
+            return {
+                k: float(v) for k, v in json.loads((self._root / _PUBLISHED).read_text()).items()
+            }
+        except FileNotFoundError:
+            return {}
 
-    def _delete_versions(self, keep: str) -> list[str]:
-        removed = set()
-        for path in self._root.iterdir():
-            if path.name in (_POINTER, keep):
-                continue
-            if path.name.startswith(_PARTIAL):
-                removed.add(path.name.removeprefix(_PARTIAL).rsplit("-", 1)[0])
-            elif path.is_dir():
-                removed.add(path.name)
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.name.startswith(f".{_POINTER}-"):  # pointer temp file of a killed publish
-                path.unlink(missing_ok=True)
-        removed.discard(keep)  # a killed earlier attempt at this same version is not "removed"
-        return sorted(removed)
+    def _record_published(self, version: str, at: float) -> None:
+        self._write_published({**self._published(), version: at})
+
+    def _set_pointer(self, version: str) -> None:
+        _write_atomically(self._pointer, version)
+
+    def _delete_versions(self, versions: set[str]) -> None:
+        for version in versions:
+            directory = self._root / version
+            if directory.is_dir():  # one rename: readers see it whole, then gone
+                directory.rename(self._root / f"{_RETIRED}{version}-{uuid.uuid4().hex}")
+        self._remove_leftovers(versions)
+        published = self._published()
+        self._write_published({k: v for k, v in published.items() if k not in versions})
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _current(self) -> _OpenVersion:
-        for _ in range(_OPEN_ATTEMPTS):
-            try:
-                st = self._pointer.stat()
-            except FileNotFoundError:
-                raise NoPublishedVersion(f"nothing published in {self._root}") from None
-            pointer_stat = (st.st_ino, st.st_mtime_ns, st.st_size)
-            opened = self._open
-            if opened is not None and opened.pointer_stat == pointer_stat:
-                return opened
-            try:
-                opened = self._open_version(self._pointer.read_text().strip(), pointer_stat)
-            except FileNotFoundError:
-                continue  # CURRENT moved on and its version was removed: look again
-            self._open = opened
-            return opened
-        raise FeatureStoreUnavailable(f"feature version in {self._root} kept changing")
+    @property
+    def _where(self) -> str:
+        return f"in {self._root}"
 
-    def _open_version(self, version: str, pointer_stat: tuple[int, int, int]) -> _OpenVersion:
+    def _open(self, version: str) -> _OpenVersion:
         directory = self._root / version
-        layout = FeatureLayout.from_dict(json.loads((directory / "layout.json").read_text()))
-        ids = json.loads((directory / "ids.json").read_text())
-        matrix = np.load(directory / "features.npy", mmap_mode="r")
-        if matrix.dtype != layout.numpy_dtype or matrix.shape != (len(ids), layout.dims):
-            raise FeatureFormatError(
-                f"{directory}: features.npy is {matrix.dtype} {matrix.shape}, expected "
-                f"{layout.dtype} ({len(ids)}, {layout.dims})"
-            )
-        row_of = {item_id: row for row, item_id in enumerate(ids)}
-        return _OpenVersion(pointer_stat, version, layout, matrix, row_of)
+        if not directory.is_dir():  # one stat: retired since it was opened, or never there
+            self._opened.pop(version, None)
+            raise self._missing(version)
+        opened = self._opened.get(version)
+        if opened is None:
+            try:
+                opened = _open_version(directory, version)
+            except FileNotFoundError:
+                raise self._missing(version) from None
+            self._opened[version] = opened
+        return opened
+
+    def _remove_leftovers(self, versions: set[str]) -> None:
+        """Delete the partial and retired directories of ``versions`` (of any version when
+        retired) and pointer temp files of a killed publish."""
+        for path in self._root.iterdir():
+            name = path.name
+            if name.startswith(_RETIRED) or (
+                name.startswith(_PARTIAL) and _name_in(name, _PARTIAL) in versions
+            ):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith((f".{_POINTER}-", f".{_PUBLISHED}-")):
+                path.unlink(missing_ok=True)
+
+    def _write_published(self, published: dict[str, float]) -> None:
+        _write_atomically(self._root / _PUBLISHED, json.dumps(published, sort_keys=True))
+
+
+def _name_in(directory_name: str, marker: str) -> str:
+    """The version name in a ``<marker><version>-<hex>`` directory name."""
+    return directory_name.removeprefix(marker).rsplit("-", 1)[0]
+
+
+def _read_layout(directory: Path) -> FeatureLayout:
+    try:
+        return FeatureLayout.from_dict(json.loads((directory / _LAYOUT).read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FeatureFormatError(f"{directory / _LAYOUT}: invalid layout: {exc}") from exc
+
+
+def _open_version(directory: Path, version: str) -> _OpenVersion:
+    layout = _read_layout(directory)
+    ids = json.loads((directory / "ids.json").read_text())
+    matrix = np.load(directory / "features.npy", mmap_mode="r")
+    if matrix.dtype != layout.numpy_dtype or matrix.shape != (len(ids), layout.dims):
+        raise FeatureFormatError(
+            f"{directory}: features.npy is {matrix.dtype} {matrix.shape}, expected "
+            f"{layout.dtype} ({len(ids)}, {layout.dims})"
+        )
+    row_of = {item_id: row for row, item_id in enumerate(ids)}
+    return _OpenVersion(version, layout, matrix, row_of)
 
 
 def _write_atomically(path: Path, text: str) -> None:

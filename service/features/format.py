@@ -16,7 +16,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -106,14 +106,35 @@ def decode_values(layout: FeatureLayout, values: Sequence[bytes], ids: Sequence[
     """
     if len(values) != len(ids):
         raise ValueError(f"{len(values)} values but {len(ids)} ids")
-    if set(map(len, values)) - {layout.value_bytes}:
-        _raise_first_bad(layout, values, ids)
-    # All lengths are right, so the joined values are an array of (header, payload) records
-    # and every header is checked in one vectorised comparison.
-    records = np.frombuffer(b"".join(values), dtype=_record_dtype(layout))
-    if (records["header"] != np.frombuffer(layout.header, dtype="<u8")[0]).any():
-        _raise_first_bad(layout, values, ids)
-    return np.ascontiguousarray(records["payload"])  # a copy: writable, header columns dropped
+    matrix, readable = decode_readable(layout, values)
+    if not readable.all():
+        position = int(np.flatnonzero(~readable)[0])
+        raise FeatureFormatError(
+            f"feature value of id {ids[position]!r}: {diagnose(layout, values[position])}"
+        )
+    return matrix
+
+
+def decode_readable(
+    layout: FeatureLayout, values: Sequence[bytes]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the readable values decoded as one (n_readable, dims) array, a bool mask over
+    ``values`` of those readable): a value with a wrong length or header is left out, so one
+    damaged item costs that item, not the whole batch."""
+    size = layout.value_bytes
+    if set(map(len, values)) - {size}:
+        readable = np.fromiter((len(v) == size for v in values), dtype=bool, count=len(values))
+        kept = [v for v, ok in zip(values, readable.tolist(), strict=True) if ok]
+    else:  # the usual case: nothing to filter
+        readable, kept = np.ones(len(values), dtype=bool), values
+    # All kept lengths are right, so the joined values are an array of (header, payload)
+    # records and every header is checked in one vectorised comparison.
+    records = np.frombuffer(b"".join(kept), dtype=_record_dtype(layout))
+    good_header = records["header"] == np.frombuffer(layout.header, dtype="<u8")[0]
+    if not good_header.all():
+        readable[np.flatnonzero(readable)[~good_header]] = False
+        records = records[good_header]
+    return np.ascontiguousarray(records["payload"]), readable  # a copy: writable, no headers
 
 
 @lru_cache(maxsize=8)
@@ -121,17 +142,7 @@ def _record_dtype(layout: FeatureLayout) -> np.dtype:
     return np.dtype([("header", "<u8"), ("payload", layout.numpy_dtype, (layout.dims,))])
 
 
-def _raise_first_bad(
-    layout: FeatureLayout, values: Sequence[bytes], ids: Sequence[str]
-) -> NoReturn:
-    header, size = layout.header, layout.value_bytes
-    for item_id, value in zip(ids, values, strict=True):
-        if len(value) != size or not value.startswith(header):
-            raise FeatureFormatError(f"feature value of id {item_id!r}: {_diagnose(layout, value)}")
-    raise AssertionError("called without a bad value")
-
-
-def _diagnose(layout: FeatureLayout, value: bytes) -> str:
+def diagnose(layout: FeatureLayout, value: bytes) -> str:
     """Say what is wrong with a value that failed the fast check."""
     if len(value) < HEADER_SIZE:
         return f"wrong length: {len(value)} bytes, expected {layout.value_bytes}"

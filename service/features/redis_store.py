@@ -2,15 +2,14 @@
 
 Keys::
 
-    {prefix}:current                 the current version's name
+    {prefix}:current                 the newest published version's name
+    {prefix}:published               hash: version -> when it was last published (Unix seconds)
     {prefix}:v:{version}:meta        JSON {"layout": ..., "count": ..., "created": ...}
     {prefix}:v:{version}:i:{id}      one item's value (see format.py)
 
-A fetch is one round trip in the steady state: one ``MGET`` of the pointer followed by the
-items of the version the store last saw (one command, so atomic). If the pointer still names
-that version, the values came from it while it was current, hence whole (a publisher deletes
-a version only after moving the pointer away). Otherwise the fetch is redone against the new
-version.
+A fetch is one round trip: one ``MGET`` of the version's meta and the items (one command, so
+atomic). Meta is written after every item and deleted before any, so meta in the reply means
+the values came from the whole version; no meta means the version is not (or no longer) there.
 """
 
 from __future__ import annotations
@@ -22,15 +21,20 @@ from datetime import UTC, datetime
 
 import numpy as np
 import redis
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import FeatureFormatError, FeatureStoreUnavailable, NoPublishedVersion
-from service.features.base import FeatureBatch, PublishesVersions
-from service.features.format import FeatureLayout, decode_values, encode_matrix
+from service.errors import (
+    FeatureFormatError,
+    FeatureStoreFault,
+    FeatureStoreUnavailable,
+)
+from service.features.base import FeatureBatch, PublishesVersions, batch_from_values
+from service.features.format import FeatureLayout, encode_matrix
 
-_FETCH_ATTEMPTS = 3  # each retry means a publish switched the pointer mid-fetch
 _SCAN_COUNT = 1000
+_LAYOUTS_KEPT = 8  # parsed metas kept per store: the versions a process reads at once
 
 
 class RedisFeatureStore(PublishesVersions):
@@ -38,8 +42,9 @@ class RedisFeatureStore(PublishesVersions):
         self._client = client
         self._prefix = prefix
         self._pointer_key = f"{prefix}:current"
-        # Versions are immutable, so the layout of the last seen version is cached for good.
-        self._seen: tuple[str, FeatureLayout] | None = None
+        self._published_key = f"{prefix}:published"
+        # version -> (its meta value, the layout parsed from it): parsed once per version.
+        self._layouts: dict[str, tuple[bytes, FeatureLayout]] = {}
 
     @classmethod
     def from_url(
@@ -55,53 +60,46 @@ class RedisFeatureStore(PublishesVersions):
     # -- reading -----------------------------------------------------------------------
 
     def current_version(self) -> str | None:
-        with _unavailable_on_connection_error():
+        with _store_errors():
             raw = self._client.get(self._pointer_key)
         return None if raw is None else raw.decode()
 
-    def layout(self) -> FeatureLayout:
-        version = self.current_version()
-        if version is None:
-            raise NoPublishedVersion(f"nothing published under {self._prefix!r}")
-        return self._layout_of(version)
+    def layout(self, version: str | None = None) -> FeatureLayout:
+        version = self._named(version)
+        with _store_errors():
+            raw = self._client.get(self._meta_key(version))
+        return self._layout_of(version, raw)
 
-    def fetch(self, ids: Sequence[str]) -> FeatureBatch:
+    def fetch(self, ids: Sequence[str], version: str | None = None) -> FeatureBatch:
         ids = list(ids)
-        # Guess the last seen version; an empty request has no MGET to check the guess with.
-        version = self._seen[0] if self._seen and ids else self.current_version()
-        with _unavailable_on_connection_error():
-            for _ in range(_FETCH_ATTEMPTS):
-                if version is None:
-                    raise NoPublishedVersion(f"nothing published under {self._prefix!r}")
-                layout = self._layout_of(version)
-                if not ids:
-                    return _batch(version, layout, ids, [])
-                # One MGET of the pointer and the items: a single command is atomic, so the
-                # pointer read is the one the values were read under (a MULTI/EXEC costs more
-                # on both ends: measured ~0.2 ms of client CPU for 1,000 ids).
-                key_prefix = self._item_key(version, "")
-                keys = [key_prefix + item_id for item_id in ids]
-                pointer, *values = self._client.execute_command("MGET", self._pointer_key, *keys)
-                if pointer is not None and pointer.decode() == version:
-                    return _batch(version, layout, ids, values)
-                version = None if pointer is None else pointer.decode()
-        raise FeatureStoreUnavailable(
-            f"feature version under {self._prefix!r} kept changing during one fetch"
-        )
+        version = self._named(version)
+        # One MGET of the meta and the items: a single command is atomic, so the meta read
+        # is the one the values were read under (a MULTI/EXEC costs more on both ends:
+        # measured ~0.2 ms of client CPU for 1,000 ids).
+        key_prefix = self._item_key(version, "")
+        with _store_errors():
+            meta, *values = self._client.execute_command(
+                "MGET", self._meta_key(version), *(key_prefix + item_id for item_id in ids)
+            )
+        return batch_from_values(version, self._layout_of(version, meta), ids, values)
 
     def ping(self) -> None:
-        with _unavailable_on_connection_error():
+        with _store_errors():
             self._client.ping()
 
     def versions(self) -> list[str]:
         """Walks the whole keyspace: for admin and tests, not the request path."""
-        with _unavailable_on_connection_error():
+        with _store_errors():
             return sorted({self._version_of(key) for key in self._scan_version_keys()})
 
     def close(self) -> None:
         self._client.close()
 
     # -- publishing --------------------------------------------------------------------
+
+    def _is_whole(self, version: str) -> bool:
+        with _store_errors():
+            return bool(self._client.exists(self._meta_key(version)))
 
     def _write_version(
         self,
@@ -114,7 +112,7 @@ class RedisFeatureStore(PublishesVersions):
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Write a whole version without making it current; meta is written last."""
-        with _unavailable_on_connection_error():
+        with _store_errors():
             # Leftovers of a killed publish of this same version must not leak into it.
             self._unlink(self._scan_version_keys(version))
             for start in range(0, len(ids), batch_size):
@@ -132,40 +130,49 @@ class RedisFeatureStore(PublishesVersions):
             }
             self._client.set(self._meta_key(version), json.dumps(meta))
 
-    def _switch_to(self, version: str) -> list[str]:
-        with _unavailable_on_connection_error():
+    def _published(self) -> dict[str, float]:
+        with _store_errors():
+            raw = self._client.hgetall(self._published_key)
+        return {name.decode(): float(at) for name, at in raw.items()}
+
+    def _record_published(self, version: str, at: float) -> None:
+        with _store_errors():
+            self._client.hset(self._published_key, version, repr(at))
+
+    def _set_pointer(self, version: str) -> None:
+        with _store_errors():
             self._client.set(self._pointer_key, version)
-            return self._delete_versions(keep=version)
 
-    def _delete_versions(self, keep: str) -> list[str]:
-        """Unlink every version but ``keep``; return the names removed."""
-        removed: set[str] = set()
-
-        def doomed() -> Iterator[bytes]:
-            for key in self._scan_version_keys():
-                version = self._version_of(key)
-                if version != keep:
-                    removed.add(version)
-                    yield key
-
-        self._unlink(doomed())
-        return sorted(removed)
+    def _delete_versions(self, versions: set[str]) -> None:
+        with _store_errors():
+            # Every meta first (one command): from then on readers see those versions gone,
+            # never partly deleted.
+            self._client.delete(*(self._meta_key(v) for v in versions))
+            for version in sorted(versions):
+                self._unlink(self._scan_version_keys(version))
+            self._client.hdel(self._published_key, *versions)
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _layout_of(self, version: str) -> FeatureLayout:
-        seen = self._seen
-        if seen is not None and seen[0] == version:
+    @property
+    def _where(self) -> str:
+        return f"under {self._prefix!r}"
+
+    def _layout_of(self, version: str, meta: bytes | None) -> FeatureLayout:
+        """The layout in ``version``'s meta value as read (None: the version is not whole)."""
+        if meta is None:
+            raise self._missing(version)
+
+        seen = self._layouts.get(version)
+        if seen is not None and seen[0] == meta:
             return seen[1]
-        with _unavailable_on_connection_error():
-            raw = self._client.get(self._meta_key(version))
-        if raw is None:
-            raise FeatureFormatError(f"{self._meta_key(version)}: meta of version is missing")
         try:
-            layout = FeatureLayout.from_dict(json.loads(raw)["layout"])
+            layout = FeatureLayout.from_dict(json.loads(meta)["layout"])
         except (ValueError, KeyError, TypeError) as exc:
             raise FeatureFormatError(f"{self._meta_key(version)}: invalid meta: {exc}") from exc
-        self._seen = (version, layout)
+        if len(self._layouts) >= _LAYOUTS_KEPT:
+            self._layouts.clear()
+        self._layouts[version] = (meta, layout)
         return layout
 
     def _item_key(self, version: str, item_id: str) -> str:
@@ -194,26 +201,21 @@ class RedisFeatureStore(PublishesVersions):
             self._client.unlink(*batch)
 
 
-def _batch(
-    version: str, layout: FeatureLayout, ids: list[str], values: list[bytes | None]
-) -> FeatureBatch:
-    if None not in values:  # the usual case: every id known, no lists to filter
-        matrix = decode_values(layout, values, ids)  # type: ignore[arg-type]
-        return FeatureBatch(version, layout, matrix, np.arange(len(ids), dtype=np.int64), [])
-    found = [pos for pos, value in enumerate(values) if value is not None]
-    missing = [ids[pos] for pos, value in enumerate(values) if value is None]
-    matrix = decode_values(layout, [values[pos] for pos in found], [ids[pos] for pos in found])
-    return FeatureBatch(version, layout, matrix, np.asarray(found, dtype=np.int64), missing)
-
-
 def _glob_escape(text: str) -> str:
     """Escape Redis glob metacharacters so SCAN MATCH takes ``text`` literally."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 @contextmanager
-def _unavailable_on_connection_error() -> Iterator[None]:
+def _store_errors() -> Iterator[None]:
+    """Redis errors as the store's: a connection that fails or times out is transient
+    (FeatureStoreUnavailable); an error reply (NOPERM, WRONGTYPE, OOM) or refused credentials
+    are faults retrying does not mend (FeatureStoreFault)."""
     try:
         yield
+    except AuthenticationError as exc:  # a ConnectionError subclass, but permanent
+        raise FeatureStoreFault(f"redis feature store refused the credentials: {exc}") from exc
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise FeatureStoreUnavailable(f"redis feature store unavailable: {exc}") from exc
+    except ResponseError as exc:
+        raise FeatureStoreFault(f"redis feature store answered an error: {exc}") from exc

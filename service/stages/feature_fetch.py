@@ -2,30 +2,39 @@
 
 in:  ids: list[str]
 out: FeatureBatch(matrix float16 [n_found, text_dims + image_dims], found int64 [n_found],
-     missing list[str]) from the store version the model was exported with
+     missing list[str]) from the store version the model was exported with, whatever version
+     the store's pointer names (versions live side by side during a rolling upgrade)
 
 ``probe`` is the cheap cache lookup the event loop may call; ``fetch`` given a complete probe
 does no I/O either. ``warm`` (at start-up), ``fetch`` with misses and ``check`` block (Redis or
 the file system): call them off the event loop.
 Only rows of the model's own feature version enter the cache (stages.feature_cache), so a
 request served from it ranks exactly as one served from the store. Ids the store does not
-know are not cached: they are asked for again, in case a later version has them.
+know are not cached. An item whose stored value is unreadable is reported missing (counted and
+logged with its id): one damaged value costs that item, not the request.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
-from service.errors import FeatureStoreError, FeatureVersionMismatch, NoPublishedVersion
+from service.errors import FeatureFormatError
 from service.features import FeatureBatch, FeatureLayout, FeatureStore
 from service.stages.feature_cache import CacheProbe, FeatureCache
 
+log = logging.getLogger(__name__)
 
-class CacheObserver(Protocol):
+_LOGGED_IDS = 10  # ids named per log line of unreadable values
+
+
+class FetchObserver(Protocol):
     def feature_cache(self, *, hits: int, misses: int) -> None: ...
+
+    def unreadable_features(self, count: int) -> None: ...
 
 
 class FeatureFetcher:
@@ -36,7 +45,7 @@ class FeatureFetcher:
         version: str,
         *,
         cache_items: int = 0,
-        observer: CacheObserver | None = None,
+        observer: FetchObserver | None = None,
     ) -> None:
         self._store = store
         self._layout = layout
@@ -94,29 +103,31 @@ class FeatureFetcher:
             self._observer.feature_cache(hits=hits, misses=misses)
 
     def _fetch_from_store(self, ids: Sequence[str]) -> FeatureBatch:
-        batch = self._store.fetch(ids)
-        if batch.version != self._version:
-            raise self._mismatch(batch.version)
+        batch = self._store.fetch(ids, self._version)
         if batch.layout != self._layout:
-            raise FeatureStoreError(
+            raise FeatureFormatError(
                 f"feature version {batch.version} has layout {batch.layout}, the model expects "
                 f"{self._layout}"
             )
+        if batch.corrupt:
+            log.error(
+                "feature version %s: %d unreadable value(s), ranked without them: %s",
+                self._version,
+                len(batch.corrupt),
+                ", ".join(repr(i) for i in batch.corrupt[:_LOGGED_IDS]),
+            )
+            if self._observer is not None:
+                self._observer.unreadable_features(len(batch.corrupt))
         if batch.matrix.dtype != np.float16:  # a float32 layout; the ranker takes float16
             batch.matrix = batch.matrix.astype(np.float16)
         return batch
 
     def check(self) -> None:
-        """Raise unless the store answers and serves the model's feature version."""
+        """Raise unless the store answers and holds the model's feature version whole."""
         self._store.ping()
-        current = self._store.current_version()
-        if current is None:
-            raise NoPublishedVersion("the feature store has no published version")
-        if current != self._version:
-            raise self._mismatch(current)
-
-    def _mismatch(self, current: str) -> FeatureVersionMismatch:
-        return FeatureVersionMismatch(
-            f"the feature store serves version {current}, the model was exported with "
-            f"{self._version}"
-        )
+        layout = self._store.layout(self._version)
+        if layout != self._layout:
+            raise FeatureFormatError(
+                f"feature version {self._version} has layout {layout}, the model expects "
+                f"{self._layout}"
+            )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +18,13 @@ import redis
 from fastapi import FastAPI
 
 from service.app import create_app
-from service.errors import FeatureStoreUnavailable
+from service.errors import FeatureStoreUnavailable, FeatureVersionMissing
 from service.features import (
     EmbeddedFeatureStore,
     FeatureLayout,
     FeatureStore,
     RedisClusterFeatureStore,
+    Retention,
     open_feature_store,
 )
 from service.features.cluster_store import bucket_tags, parse_cluster_url
@@ -32,6 +33,7 @@ from tests.service.conftest import ServeApp
 from tests.service.redis_cluster import delete_prefix
 
 LAYOUT = FeatureLayout(text_dims=12, image_dims=4)
+ONLY_CURRENT = Retention(keep=1, grace_s=0)
 
 
 def catalogue(n: int, value: float | None = None) -> tuple[list[str], np.ndarray]:
@@ -97,7 +99,7 @@ def test_a_fetch_is_one_round_trip_per_master(
     ids, matrix = catalogue(3000)
     store = open_cluster_store(grace_s=5)
     store.publish(ids, matrix, LAYOUT, "v1")
-    store.fetch(ids[:5])  # learns the pointer and the version's buckets
+    store.fetch(ids[:5], "v1")  # learns the version's meta and buckets
     clients = master_clients(redis_cluster_ports)
     for client in clients:
         client.config_resetstat()
@@ -112,7 +114,7 @@ def test_a_fetch_is_one_round_trip_per_master(
 
     monkeypatch.setattr(connection_class, "send_packed_command", counting)
     requested = ids[1000:2000]
-    batch = store.fetch(requested)
+    batch = store.fetch(requested, "v1")  # as the service does: its model's version
     monkeypatch.undo()
 
     np.testing.assert_array_equal(batch.matrix, matrix[1000:2000].astype(np.float16))
@@ -120,58 +122,88 @@ def test_a_fetch_is_one_round_trip_per_master(
     mgets = command_calls(clients, "mget")
     assert all(calls > 0 for calls in mgets), mgets
     assert sum(mgets) == 64  # one MGET per bucket: 1,000 ids touch all 64 buckets
-    assert sum(command_calls(clients, "get")) == 1  # the pointer, in the same round trip
+    assert sum(command_calls(clients, "get")) == 1  # the meta, in the same round trip
     for client in clients:
         client.close()
 
 
-def test_a_round_trip_longer_than_the_grace_rereads_the_pointer(
+def test_a_round_trip_longer_than_the_grace_rereads_the_meta(
     open_cluster_store, redis_cluster_ports: list[int]
 ) -> None:
     ids, matrix = catalogue(500)
     store = open_cluster_store(grace_s=0)  # every round trip counts as a stall
     store.publish(ids, matrix, LAYOUT, "v1")
-    store.fetch(ids[:5])
+    store.fetch(ids[:5], "v1")
     clients = master_clients(redis_cluster_ports)
     for client in clients:
         client.config_resetstat()
-    store.fetch(ids)
+    store.fetch(ids, "v1")
     assert sum(command_calls(clients, "get")) == 2  # in the round trip, and after it
     for client in clients:
         client.close()
 
 
-def test_a_switch_during_a_stalled_round_trip_refetches_the_new_version(
+def stall_once(monkeypatch: pytest.MonkeyPatch, during_stall: Callable[[], object]) -> list:
+    """Make the next fetch round trip call ``during_stall`` after its replies came back (as
+    if the reader stalled there); returns what it returned, once called."""
+    original = RedisClusterFeatureStore._round_trip
+    done: list = []
+
+    def round_trip_then(self, client, plan):  # type: ignore[no-untyped-def]
+        replies = original(self, client, plan)
+        if not done:
+            done.append(during_stall())
+        return replies
+
+    monkeypatch.setattr(RedisClusterFeatureStore, "_round_trip", round_trip_then)
+    return done
+
+
+def test_a_version_retired_during_a_stalled_round_trip_is_missing_not_partial(
     open_cluster_store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reader, publisher = open_cluster_store(grace_s=0), open_cluster_store(grace_s=0)
     ids, ones = catalogue(2000, 1.0)
     publisher.publish(ids, ones, LAYOUT, "v1")
-    assert reader.fetch(ids[:3]).version == "v1"
-    original = RedisClusterFeatureStore._round_trip
-    switched = []
+    assert reader.fetch(ids[:3], "v1").version == "v1"
+    retired = stall_once(
+        monkeypatch, lambda: publisher.publish(ids, ones + 1, LAYOUT, "v2", retention=ONLY_CURRENT)
+    )
 
-    def round_trip_then_switch(self, client, plan):  # type: ignore[no-untyped-def]
-        replies = original(self, client, plan)
-        if not switched:  # the publisher switches and deletes v1 while the reader stalls
-            switched.append(publisher.publish(ids, ones + 1, LAYOUT, "v2"))
-        return replies
-
-    monkeypatch.setattr(RedisClusterFeatureStore, "_round_trip", round_trip_then_switch)
-    batch = reader.fetch(ids)
-
-    assert switched and switched[0].removed_versions == ["v1"]
-    assert batch.version == "v2" and (batch.matrix == 2.0).all() and not batch.missing
+    with pytest.raises(FeatureVersionMissing, match="v1"):
+        reader.fetch(ids, "v1")
+    assert retired and retired[0].removed_versions == ["v1"]
+    assert (reader.fetch(ids, "v2").matrix == 2.0).all()
 
 
-def test_publish_waits_out_the_grace_of_the_pointer_it_replaces(open_cluster_store) -> None:
+def test_a_version_written_again_during_a_stalled_round_trip_is_read_again(
+    open_cluster_store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader, publisher = open_cluster_store(grace_s=0), open_cluster_store(grace_s=0)
+    ids, ones = catalogue(2000, 1.0)
+    publisher.publish(ids, ones, LAYOUT, "v1")
+    assert reader.fetch(ids[:3], "v1").version == "v1"
+
+    def retire_and_write_again() -> None:
+        publisher.publish(ids, ones + 1, LAYOUT, "v2", retention=ONLY_CURRENT)
+        publisher.publish(ids, ones, LAYOUT, "v1")  # same name, same content, a new write
+
+    stall_once(monkeypatch, retire_and_write_again)
+    batch = reader.fetch(ids, "v1")
+
+    assert batch.version == "v1" and (batch.matrix == 1.0).all() and not batch.missing
+
+
+def test_retiring_waits_out_the_grace_its_meta_promised(open_cluster_store) -> None:
     ids, matrix = catalogue(50)
     seconds = []
     for version, grace_s in (("v1", 1.0), ("v2", 0), ("v3", 5)):
         started = time.monotonic()
-        open_cluster_store(grace_s=grace_s).publish(ids, matrix, LAYOUT, version)
+        open_cluster_store(grace_s=grace_s).publish(
+            ids, matrix, LAYOUT, version, retention=ONLY_CURRENT
+        )
         seconds.append(time.monotonic() - started)
-    assert seconds[0] < 1.0  # no pointer yet: no reader to wait for
+    assert seconds[0] < 1.0  # nothing to retire: no reader to wait for
     assert seconds[1] >= 1.0  # readers of v1 were promised 1 s
     assert seconds[2] < 1.0  # readers of v2 were promised nothing: they re-check
 

@@ -1,5 +1,5 @@
 """Contract suite run against every FeatureStore backend (real Redis, a real 3-master Redis
-Cluster and embedded; no mocks).
+Cluster and embedded; no mocks): versions side by side, read by name, retired by Retention.
 
 Values are stored as float16, so fetched rows equal the float16-cast source exactly; against the
 float32 source they are within float16 rounding (relative error <= 2**-11).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,16 +17,23 @@ import numpy as np
 import pytest
 import redis
 
-from service.errors import FeatureFormatError, FeatureStoreUnavailable, NoPublishedVersion
+from service.errors import (
+    FeatureStoreFault,
+    FeatureStoreUnavailable,
+    FeatureVersionMissing,
+    NoPublishedVersion,
+)
 from service.features import (
     EmbeddedFeatureStore,
     FeatureLayout,
     FeatureStore,
     RedisFeatureStore,
+    Retention,
     open_feature_store,
 )
 
 LAYOUT = FeatureLayout(text_dims=12, image_dims=4)
+ONLY_CURRENT = Retention(keep=1, grace_s=0)  # retire everything but the current version
 
 
 def catalogue(start: int, stop: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -75,19 +83,58 @@ def test_fetch_of_no_ids_or_only_unknown_ids(store: FeatureStore) -> None:
         assert batch.missing == requested
 
 
-def test_republish_switches_version_and_removes_the_old_one(store: FeatureStore) -> None:
-    store.publish(*catalogue(0, 300, seed=1), LAYOUT, "v1")
+def test_publish_keeps_the_previous_version_readable_beside_the_new_one(
+    store: FeatureStore,
+) -> None:
+    old_ids, old_matrix = catalogue(0, 300, seed=1)
+    store.publish(old_ids, old_matrix, LAYOUT, "v1")
     new_ids, new_matrix = catalogue(100, 400, seed=2)  # items 0..99 left the catalogue
     report = store.publish(new_ids, new_matrix, LAYOUT, "v2", batch_size=64)
 
-    assert (report.items, report.removed_versions) == (300, ["v1"])
+    assert (report.items, report.removed_versions) == (300, [])
     assert store.current_version() == "v2"
-    assert store.versions() == ["v2"]
-    dropped = store.fetch([f"item-{i:06d}" for i in range(100)])
+    assert store.versions() == ["v1", "v2"]
+    # A replica still on the old model reads the old version, whatever the pointer says.
+    old = store.fetch(old_ids, "v1")
+    assert old.version == "v1" and not old.missing
+    np.testing.assert_array_equal(old.matrix, old_matrix.astype(np.float16))
+    assert store.layout("v1") == LAYOUT
+    new = store.fetch(new_ids)  # no version named: the current one
+    assert new.version == "v2" and not new.missing
+    np.testing.assert_array_equal(new.matrix, new_matrix.astype(np.float16))
+    dropped = store.fetch([f"item-{i:06d}" for i in range(100)], "v2")
     assert dropped.found.size == 0 and len(dropped.missing) == 100
-    batch = store.fetch(new_ids)
-    assert batch.version == "v2" and not batch.missing
-    np.testing.assert_array_equal(batch.matrix, new_matrix.astype(np.float16))
+
+
+def test_retention_keeps_the_newest_and_the_recently_superseded(store: FeatureStore) -> None:
+    ids, matrix = catalogue(0, 20)
+    for version in ("v1", "v2", "v3"):
+        store.publish(ids, matrix, LAYOUT, version, retention=Retention(keep=1, grace_s=60))
+    # v1 and v2 were superseded moments ago: within the grace, so replicas may still use them.
+    assert store.versions() == ["v1", "v2", "v3"]
+
+    assert store.retire(Retention(keep=2, grace_s=0)) == ["v1"]
+    assert store.versions() == ["v2", "v3"]
+    with pytest.raises(FeatureVersionMissing, match="v1"):
+        store.fetch(ids, "v1")
+    with pytest.raises(FeatureVersionMissing, match="v1"):
+        store.layout("v1")
+
+    assert store.retire(ONLY_CURRENT) == ["v2"]
+    assert store.retire(ONLY_CURRENT) == []
+    assert store.versions() == ["v3"] and store.current_version() == "v3"
+    assert not store.fetch(ids, "v3").missing
+
+
+def test_publishing_a_stored_version_again_moves_the_pointer_back(store: FeatureStore) -> None:
+    ids, matrix = catalogue(0, 30)
+    store.publish(ids, matrix, LAYOUT, "v1")
+    store.publish(ids, matrix + 1, LAYOUT, "v2")
+    rollback = store.publish(ids, matrix + 5, LAYOUT, "v1", retention=ONLY_CURRENT)
+
+    assert (rollback.items, rollback.removed_versions) == (0, ["v2"])  # nothing rewritten
+    assert store.current_version() == "v1" and store.versions() == ["v1"]
+    np.testing.assert_array_equal(store.fetch(ids).matrix, matrix.astype(np.float16))
 
 
 def test_republishing_the_current_version_is_a_noop(store: FeatureStore) -> None:
@@ -106,6 +153,11 @@ def test_nothing_published_yet(store: FeatureStore) -> None:
         store.fetch(["item-000001"])
     with pytest.raises(NoPublishedVersion):
         store.layout()
+    with pytest.raises(FeatureVersionMissing):
+        store.fetch(["item-000001"], "v1")
+    with pytest.raises(FeatureVersionMissing):
+        store.layout("v1")
+    assert store.retire(ONLY_CURRENT) == []
 
 
 def test_publish_rejects_ambiguous_input(store: FeatureStore) -> None:
@@ -148,6 +200,43 @@ def test_concurrent_reader_only_sees_whole_versions(
 
     assert not failures, failures
     assert seen["v1"] > 0 and seen["v2"] > 0, seen
+    assert reader.versions() == ["v1", "v2"]
+
+
+def test_a_version_being_retired_reads_whole_or_missing_never_partial(
+    open_store: Callable[[], FeatureStore],
+) -> None:
+    reader, publisher = open_store(), open_store()
+    publisher.publish(*constant_catalogue(20_000, 1.0), LAYOUT, "v1")
+    failures: list[BaseException] = []
+
+    def replace_and_retire() -> None:
+        try:
+            publisher.publish(
+                *constant_catalogue(20_000, 2.0), LAYOUT, "v2", retention=ONLY_CURRENT
+            )
+        except BaseException as exc:  # surfaced in the main thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=replace_and_retire)
+    rng = np.random.default_rng(1)
+    whole = 0
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        requested = [f"item-{i:06d}" for i in rng.choice(20_000, size=500, replace=False)]
+        try:
+            batch = reader.fetch(requested, "v1")  # a replica still on the old model
+        except FeatureVersionMissing:
+            break
+        assert batch.missing == [] and (batch.matrix == 1.0).all()
+        whole += 1
+    thread.join()
+
+    assert not failures, failures
+    assert whole > 0
+    with pytest.raises(FeatureVersionMissing):
+        reader.fetch(["item-000001"], "v1")
     assert reader.versions() == ["v2"]
 
 
@@ -166,7 +255,9 @@ def test_killed_publisher_leaves_readers_on_the_old_version(store: FeatureStore)
     np.testing.assert_array_equal(batch.matrix, matrix.astype(np.float16))
 
     report = store.publish(*catalogue(0, 200, seed=3), LAYOUT, "v3")
-    assert report.removed_versions == ["v1", "v2"]
+    assert report.removed_versions == ["v2"]  # never published; v1 is kept for its readers
+    assert store.versions() == ["v1", "v3"]
+    assert store.retire(ONLY_CURRENT) == ["v1"]
     assert store.versions() == ["v3"]
 
 
@@ -178,7 +269,7 @@ def test_publish_after_a_killed_publish_of_the_same_version(store: FeatureStore)
             old_ids, old_matrix, LAYOUT, "v2", batch_size=50, progress=kill_after_first_batch
         )
     new_ids, new_matrix = catalogue(500, 600, seed=3)  # disjoint ids: leftovers would show
-    report = store.publish(new_ids, new_matrix, LAYOUT, "v2")
+    report = store.publish(new_ids, new_matrix, LAYOUT, "v2", retention=ONLY_CURRENT)
 
     assert report.removed_versions == ["v1"]
     assert store.versions() == ["v2"]
@@ -197,7 +288,7 @@ def test_publish_after_a_killed_publish_of_the_same_version(store: FeatureStore)
     ],
     ids=["bad-magic", "wrong-length"],
 )
-def test_redis_corrupt_value_raises_naming_the_id(
+def test_redis_unreadable_value_is_reported_missing_and_the_rest_read(
     redis_url: str,
     redis_prefix: str,
     redis_client: redis.Redis,
@@ -210,10 +301,39 @@ def test_redis_corrupt_value_raises_naming_the_id(
     key = f"{redis_prefix}:v:v1:i:item-000007"
     redis_client.set(key, corrupt(redis_client.get(key)))
 
-    with pytest.raises(FeatureFormatError, match=rf"'item-000007'.*{reason}"):
-        store.fetch(ids)
-    assert store.fetch(ids[:7]).found.size == 7  # the other values still decode
+    batch = store.fetch(["unknown", *ids])
+    assert batch.corrupt == ["item-000007"]
+    assert batch.missing == ["unknown", "item-000007"]
+    assert batch.found.tolist() == [p for p in range(1, 21) if p != 8]
+    expected = np.delete(matrix, 7, axis=0).astype(np.float16)
+    np.testing.assert_array_equal(batch.matrix, expected)
     store.close()
+
+
+def test_redis_user_without_read_permission_is_a_fault_not_unavailable(
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """An ACL user that may not read the keys: Redis answers NOPERM, which retrying does not
+    mend, so the store raises FeatureStoreFault (the service answers 500, not 503)."""
+    publisher = RedisFeatureStore.from_url(redis_url, prefix=redis_prefix)
+    ids, matrix = catalogue(0, 5)
+    publisher.publish(ids, matrix, LAYOUT, "v1")
+    user, password = f"fusionrank-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], commands=["+@all"], keys=["~elsewhere:*"]
+    )
+    host_url = redis_url.split("://", 1)[1]
+    reader = RedisFeatureStore.from_url(
+        f"redis://{user}:{password}@{host_url}", prefix=redis_prefix
+    )
+    try:
+        reader.ping()  # the user can connect
+        with pytest.raises(FeatureStoreFault, match="(?i)permission"):
+            reader.fetch(ids, "v1")
+    finally:
+        reader.close()
+        publisher.close()
+        redis_client.acl_deluser(user)
 
 
 def test_redis_unreachable_raises_unavailable_within_the_timeout(closed_port: int) -> None:

@@ -1,7 +1,8 @@
 """A publisher process SIGKILLed halfway through writing a feature version, on both stores:
 readers (other processes) stay on the previous version throughout, and the next publish
-removes the partial one. The store contract tests cover the same with an exception raised
-mid-publish; this one kills a real process at an arbitrary point."""
+removes the partial one (and, keeping only the current version here, the previous one). The
+store contract tests cover the same with an exception raised mid-publish; this one kills a
+real process at an arbitrary point."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ BATCH = 250
 PUBLISHER = """
 import sys, time
 import numpy as np
-from service.features import FeatureLayout, open_feature_store
+from service.features import FeatureLayout, Retention, open_feature_store
 redis_url, root, prefix, version, value, start = sys.argv[1:7]
 store = open_feature_store(redis_url or None, root, prefix=prefix)
 layout = FeatureLayout(text_dims=64, image_dims=64)
@@ -37,7 +38,10 @@ matrix = np.full((len(ids), layout.dims), float(value), np.float16)
 def progress(written):
     print(written, flush=True)
     time.sleep(0.02)
-report = store.publish(ids, matrix, layout, version, batch_size=BATCH, progress=progress)
+report = store.publish(
+    ids, matrix, layout, version, batch_size=BATCH, progress=progress,
+    retention=Retention(keep=1, grace_s=0),
+)
 print("removed", ",".join(report.removed_versions), flush=True)
 """.replace("ITEMS", str(ITEMS)).replace("BATCH", str(BATCH))
 
@@ -125,7 +129,8 @@ def test_killed_publisher_leaves_readers_on_the_previous_version(
     batch = fresh.fetch(ids)
     assert batch.version == "v1" and not batch.missing and (batch.matrix == 1.0).all()
 
-    # The next publish (v3, other ids: leftovers of v2 would show) removes both.
+    # The next publish (v3, other ids: leftovers of v2 would show) removes both: v2 was never
+    # published, and the publisher keeps only the current version.
     nxt = subprocess.run(
         publisher(args, "v3", 3.0, start=ITEMS), cwd=REPO, capture_output=True, text=True
     )
