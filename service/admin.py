@@ -3,13 +3,13 @@
 ``POST /admin/reload`` with ``Authorization: Bearer <admin_token>`` and an optional JSON body
 ``{"version": "<model version>"}`` (default: the version artifacts/models/CURRENT names) loads
 that version beside the serving one, warms it, switches to it atomically and closes the old
-one once its in-flight requests have finished on it (``Runtime.reload`` in service.app).
+one once its in-flight requests have finished on it (``Runtime.reload`` in service.runtime).
 
-The rule for features: a model is accepted only if its manifest's ``features_version`` is the
-version the feature store currently serves (and their layouts agree), since a model scores
-the item vectors of the export it came from. A retrained model therefore needs its features
-published first (``python -m export``), and a version that does not match is refused with
-409 naming both versions while the old model keeps serving.
+The rule for features: a model is accepted only if the feature store holds its manifest's
+``features_version`` whole (laid out as the model reads it), since a model scores the item
+vectors of the export it came from. A retrained model therefore needs its features published
+first (``python -m export``); a version whose features are not there is refused with 409 while
+the old model keeps serving. Errors are answered as service.http_errors maps them.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route's annotations.
@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from service.errors import ArtifactError, DeviceUnavailable, FeatureStoreError, ServiceNotReady
+from service.runtime import RuntimeDep
 from service.schemas import validation_errors
 
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a directory name, never a path
@@ -73,6 +73,7 @@ def admin_router(token: SecretStr) -> APIRouter:
             409: {"model": AdminError, "description": "Version refused; the old one serves."},
             413: {"model": AdminError, "description": "Request body too large."},
             422: {"description": "Invalid body."},
+            500: {"model": AdminError, "description": "A fault of the feature store or data."},
             503: {"model": AdminError, "description": "Starting, or the feature store is down."},
         },
         openapi_extra={
@@ -82,7 +83,7 @@ def admin_router(token: SecretStr) -> APIRouter:
             }
         },
     )
-    async def reload(request: Request) -> ReloadResponse:
+    async def reload(request: Request, runtime: RuntimeDep) -> ReloadResponse:
         # The body is read here, after the token check, and parsed from raw bytes like /rank's
         # (any bytes: a 422, never a 400 or a 500).
         raw = b""
@@ -94,15 +95,7 @@ def admin_router(token: SecretStr) -> APIRouter:
             body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
         except ValidationError as exc:
             raise RequestValidationError(validation_errors(exc)) from None
-        runtime = request.app.state.runtime
-        if runtime is None:
-            raise HTTPException(503, "not ready: starting")
-        try:
-            swap = await runtime.reload(body.version)
-        except (ArtifactError, DeviceUnavailable) as exc:
-            raise HTTPException(409, f"reload refused: {exc}") from None
-        except (FeatureStoreError, ServiceNotReady) as exc:
-            raise HTTPException(503, f"reload failed: {exc}") from None
+        swap = await runtime.reload(body.version)
         return ReloadResponse(
             model_version=swap.model_version,
             previous_version=swap.previous_version,

@@ -1,26 +1,20 @@
 """The HTTP app: ``create_app(settings, *, feature_store=None)``.
 
-The lifespan opens the feature store (unless one is injected, as tests do) and loads the model
-in the background: /healthz answers at once, /readyz turns 200 once the model, the index and
-every batch shape are warm and the feature store answers with the model's feature version. A
-model that cannot load leaves the process serving /healthz, /metrics and a /readyz 503 naming
-the reason.
+The lifespan creates the worker's Runtime (service.runtime), which opens the feature store
+(unless one is injected, as tests do) and loads the model in the background: /healthz answers
+at once, /readyz turns 200 once the model, the index and every batch shape are warm and the
+feature store holds the model's features whole. A model that cannot load leaves the process
+serving /healthz, /metrics and a /readyz 503 naming the reason.
 
 Faults and overload: at most ``max_in_flight`` requests are served at once (service.limits);
-a /rank that runs past ``request_timeout_s`` is answered 503; every 503 carries Retry-After
-and a JSON reason. ``POST /admin/reload`` (service.admin) swaps the model without downtime:
-each request leases the pipeline it starts with, and a replaced pipeline closes once its last
-request has finished.
+a /rank that runs past ``request_timeout_s`` is answered 503; every error is JSON, its status
+decided by service.http_errors (503 + Retry-After only for transient conditions).
+``POST /admin/reload`` (service.admin) swaps the model without downtime.
 """
 
-import asyncio
-import gc
-import logging
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Collection, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -33,221 +27,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import pages
 from service.admin import admin_router
-from service.errors import (
-    DeadlineExceeded,
-    FeatureStoreError,
-    FusionRankError,
-    ModelRejected,
-    ServiceNotReady,
-)
-from service.features import FeatureStore, open_feature_store
+from service.errors import FusionRankError, ServiceNotReady
+from service.features import FeatureStore
+from service.http_errors import error_answer
 from service.limits import InFlightLimit
-from service.manifest import Manifest, load_manifest, resolve_version_dir
 from service.metrics import CONTENT_TYPE, OTHER_ROUTE, ServiceMetrics
-from service.pipeline import Pipeline
 from service.rank_endpoint import RankEndpoint, documentation_route
+from service.runtime import Runtime, runtime_of
 from service.schemas import (
     ReadinessResponse,
     rank_request_model,
 )
 from service.settings import Settings
 
-log = logging.getLogger("service")
-
 JSON = "application/json"
-
-
-@dataclass(frozen=True)
-class Swap:
-    """What one model reload did."""
-
-    model_version: str
-    previous_version: str | None
-    features_version: str
-    load_seconds: float
-    drained: bool  # the previous model's in-flight requests all finished on it
-
-
-class Runtime:
-    """The loaded state of one app: the pipeline once it is ready, or why it is not."""
-
-    def __init__(
-        self, settings: Settings, metrics: ServiceMetrics, store: FeatureStore | None
-    ) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self.pipeline: Pipeline | None = None
-        self.problem = "starting"
-        self.loaded = asyncio.Event()  # set when loading ended, ready or not
-        self._store = store
-        self._owns_store = store is None
-        self._task: asyncio.Task[None] | None = None
-        self._users: Counter[Pipeline] = Counter()  # requests in flight on each pipeline
-        self._idle: dict[Pipeline, asyncio.Event] = {}  # replaced pipelines, set when unused
-        self._reloading = asyncio.Lock()
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._load(), name="load-model")
-
-    async def _load(self) -> None:
-        settings = self.settings
-        try:
-            if self._store is None:
-                self._store = open_feature_store(
-                    settings.redis_url,
-                    settings.embedded_features_dir,
-                    prefix=settings.redis_prefix,
-                    timeout_s=settings.feature_timeout_s,
-                )
-            self.problem = "loading the model"
-            pipeline = await Pipeline.load(settings, self._store, self.metrics)
-            manifest = pipeline.manifest
-            self.metrics.model_loaded(manifest.version, manifest.strategy, pipeline.provider)
-            self.pipeline, self.problem = pipeline, ""
-        except FusionRankError as exc:
-            self.problem = f"model not loaded: {exc}"
-            log.error("%s", self.problem)
-        except Exception as exc:  # anything else must still leave the process answering
-            self.problem = f"model not loaded: {type(exc).__name__}: {exc}"
-            log.exception("model not loaded")
-        finally:
-            # Start-up garbage is collected once and then never scanned again: collections
-            # walking it were the p99 (shared NOTES).
-            gc.collect()
-            gc.freeze()
-            self.loaded.set()
-
-    def require_pipeline(self) -> Pipeline:
-        if self.pipeline is None:
-            raise ServiceNotReady(f"not ready: {self.problem}")
-        return self.pipeline
-
-    @contextmanager
-    def lease(self) -> Iterator[Pipeline]:
-        """The current pipeline, kept open until the block ends even if a reload replaces it."""
-        pipeline = self.require_pipeline()
-        self._users[pipeline] += 1
-        try:
-            yield pipeline
-        finally:
-            self._users[pipeline] -= 1
-            if self._users[pipeline] == 0:
-                del self._users[pipeline]
-                if pipeline in self._idle:
-                    self._idle[pipeline].set()
-
-    async def reload(self, version: str | None) -> Swap:
-        """Load ``version`` (default: the one models/CURRENT names) beside the current model,
-        warm it, switch to it atomically, then close the old one once its last request is done.
-
-        Refused (ModelRejected; the old model keeps serving) when the version's features are
-        not the ones the feature store serves: a model reads item features of the export it
-        came from, so a retrained model needs its features published first. Raises
-        ArtifactError for a missing or broken version, FeatureStoreError when the store is down.
-        """
-        if self._task is not None and not self._task.done():
-            raise ServiceNotReady("not ready: the start-up model is still loading")
-        async with self._reloading:
-            started = time.perf_counter()
-            settings = self.settings
-            version_dir = await asyncio.to_thread(resolve_version_dir, settings.models_dir, version)
-            manifest = await asyncio.to_thread(load_manifest, version_dir)
-            old = self.pipeline
-            if old is not None and old.version == manifest.version:
-                return Swap(old.version, old.version, old.fetcher.version, 0.0, True)
-            await asyncio.to_thread(self._check_features, manifest)
-            new = await Pipeline.load(
-                settings.model_copy(update={"model_version": manifest.version}),
-                self._store,
-                self.metrics,
-            )
-            seconds = time.perf_counter() - started
-            # The switch: one assignment on the event loop. Requests that leased the old
-            # pipeline finish on it; every later request gets the new one.
-            self.pipeline, self.problem = new, ""
-            if old is not None:
-                self.metrics.model_info.labels(
-                    old.version, old.manifest.strategy, old.provider
-                ).set(0)
-            self.metrics.model_loaded(new.version, new.manifest.strategy, new.provider)
-            log.info(
-                "model %s replaced %s (loaded in %.2f s)", new.version, old and old.version, seconds
-            )
-            drained = True
-            if old is not None:
-                drained = await self._retire(old, timeout_s=settings.shutdown_timeout_s)
-            gc.collect()
-            gc.freeze()
-            return Swap(new.version, old and old.version, new.fetcher.version, seconds, drained)
-
-    def _check_features(self, manifest: Manifest) -> None:
-        """Refuse a model whose features are not the published ones (blocking: a thread)."""
-        store, version = self._store, manifest.version
-        assert store is not None
-        published = store.current_version()
-        if published != manifest.features_version:
-            raise ModelRejected(
-                f"model {version} was exported with features {manifest.features_version}, the "
-                f"feature store serves {published}: publish that model's features first "
-                f"(python -m export); still serving the previous model"
-            )
-        layout = store.layout()
-        if layout != manifest.layout:
-            raise ModelRejected(
-                f"model {version} reads features laid out as {manifest.layout}, the published "
-                f"features {published} are {layout}; still serving the previous model"
-            )
-
-    async def _retire(self, old: Pipeline, timeout_s: float) -> bool:
-        """Close ``old`` once no request uses it (or after ``timeout_s``); True if drained."""
-        idle = self._idle.setdefault(old, asyncio.Event())
-        if self._users[old] == 0:
-            self._users.pop(old, None)
-            idle.set()
-        try:
-            await asyncio.wait_for(idle.wait(), timeout_s)
-            drained = True
-        except TimeoutError:
-            log.warning(
-                "model %s still had requests after %.0f s: closing it", old.version, timeout_s
-            )
-            drained = False
-        finally:
-            self._idle.pop(old, None)
-        await old.close()
-        return drained
-
-    async def readiness(self) -> ReadinessResponse:
-        pipeline = self.pipeline
-        if pipeline is None:
-            return ReadinessResponse(ready=False, detail=self.problem)
-        status = ReadinessResponse(
-            ready=True,
-            detail="ready",
-            model_version=pipeline.version,
-            execution_provider=pipeline.provider,
-            features_version=pipeline.fetcher.version,
-        )
-        timeout_s = 2 * self.settings.feature_timeout_s  # check() makes two round trips
-        try:
-            await asyncio.wait_for(asyncio.to_thread(pipeline.fetcher.check), timeout_s)
-        except FeatureStoreError as exc:
-            return status.model_copy(update={"ready": False, "detail": f"feature store: {exc}"})
-        except TimeoutError:
-            detail = f"feature store: no answer within {timeout_s:g} s"
-            return status.model_copy(update={"ready": False, "detail": detail})
-        return status
-
-    async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self.pipeline is not None:
-            await self.pipeline.close()
-        for retired in list(self._idle):  # replaced models still draining
-            await retired.close()
-        if self._owns_store and self._store is not None:
-            self._store.close()
 
 
 class HTTPMetricsMiddleware:
@@ -342,11 +135,10 @@ def create_app(
         responses={200: {"model": ReadinessResponse}, 503: {"model": ReadinessResponse}},
     )
     async def readyz(request: Request) -> Response:
-        current: Runtime | None = request.app.state.runtime
-        if current is None:
+        try:
+            status = await runtime_of(request.app).readiness()
+        except ServiceNotReady:  # the lifespan has not started the runtime
             status = ReadinessResponse(ready=False, detail="starting")
-        else:
-            status = await current.readiness()
         return Response(
             status.model_dump_json(), status_code=200 if status.ready else 503, media_type=JSON
         )
@@ -363,18 +155,14 @@ def create_app(
         ]
         return Response(orjson.dumps({"detail": detail}), status_code=422, media_type=JSON)
 
-    retry_after = {"retry-after": str(settings.retry_after_s)}
-
-    @app.exception_handler(FeatureStoreError)
-    @app.exception_handler(ServiceNotReady)
-    @app.exception_handler(DeadlineExceeded)
-    async def unavailable(request: Request, exc: FusionRankError) -> Response:
-        return Response(
-            orjson.dumps({"detail": str(exc)}),
-            status_code=503,
-            media_type=JSON,
-            headers=retry_after,
-        )
+    # FusionRankError is answered by the routing's exception middleware; anything else
+    # reaches Starlette's outermost one, which answers with this handler and re-raises so
+    # the server logs the traceback.
+    @app.exception_handler(FusionRankError)
+    @app.exception_handler(Exception)
+    async def mapped_error(request: Request, exc: Exception) -> Response:
+        status, body, headers = error_answer(exc, settings.retry_after_s)
+        return Response(body, status_code=status, media_type=JSON, headers=dict(headers))
 
     # Inside the metrics middleware, so refused requests are counted.
     app.add_middleware(

@@ -85,6 +85,12 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
+        self.batch_jobs_dropped_total = Counter(
+            "fusionrank_batch_jobs_dropped",
+            "Batcher jobs dropped unscored: jobs whose requests had gone (deadline, disconnect) "
+            "before scoring.",
+            registry=r,
+        )
         self.cache_hits = Counter(
             "fusionrank_query_cache_hits", "Queries found in the embedding cache.", registry=r
         )
@@ -104,6 +110,12 @@ class ServiceMetrics:
         self.missing_ids = Counter(
             "fusionrank_missing_ids",
             "Candidate ids the feature store did not know (skipped).",
+            registry=r,
+        )
+        self.unreadable_features_total = Counter(
+            "fusionrank_unreadable_features",
+            "Stored feature values that could not be decoded (wrong length or header): those "
+            "ids were reported missing and the rest ranked; each is logged with its id.",
             registry=r,
         )
         self.model_info = Gauge(
@@ -148,11 +160,17 @@ class ServiceMetrics:
         for wait in queue_waits:
             self.batch_queue_wait.observe(wait)
 
+    def batch_jobs_dropped(self, jobs: int) -> None:
+        self.batch_jobs_dropped_total.inc(jobs)
+
     def feature_cache(self, *, hits: int, misses: int) -> None:
         if hits:
             self.feature_cache_hits.inc(hits)
         if misses:
             self.feature_cache_misses.inc(misses)
+
+    def unreadable_features(self, count: int) -> None:
+        self.unreadable_features_total.inc(count)
 
     def model_loaded(self, version: str, strategy: str, provider: str) -> None:
         self.model_info.labels(version, strategy, provider).set(1)

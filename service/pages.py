@@ -18,9 +18,10 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.errors import ArtifactError
+from service.errors import ArtifactError, ServiceNotReady
 from service.items import ItemCatalogue
 from service.manifest import load_manifest, resolve_version_dir
+from service.runtime import runtime_of
 from service.settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -59,7 +60,10 @@ def _configured_fingerprint(settings: Settings) -> str:
 async def _served_fingerprint(request: Request) -> str:
     """The catalogue of the model being served, else (still loading, or failed to) of the
     model the settings name."""
-    pipeline = getattr(getattr(request.app.state, "runtime", None), "pipeline", None)
+    try:
+        pipeline = runtime_of(request.app).pipeline
+    except ServiceNotReady:  # before the lifespan started
+        pipeline = None
     if pipeline is not None:
         return pipeline.manifest.catalogue_fingerprint
     return await asyncio.to_thread(_configured_fingerprint, request.app.state.settings)

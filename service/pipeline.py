@@ -4,10 +4,11 @@
           -> features (in-process cache, the rest in one feature store round trip)
           -> batched scoring -> top_k
 
-Blocking work runs off the event loop: the query encoder, FAISS and the feature store on
-worker threads (``asyncio.to_thread``), scoring on the batcher's inference thread; cache
-probes run on the loop. With given candidates and both caches missing, encoding and fetching
-overlap on two threads.
+Blocking work runs off the event loop on bounded pools (service.executors): the query encoder
+and FAISS on the compute pool, feature store round trips on the store pool, scoring on the
+batcher's inference thread; cache probes run on the loop. A request whose item vectors are all
+cached never waits for the store pool, so a hung store cannot delay it. With given candidates
+and both caches missing, encoding and fetching overlap.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.errors import ArtifactError, FeatureStoreError
+from service.executors import Pools
 from service.features import FeatureBatch, FeatureStore
 from service.manifest import Manifest, load_manifest, resolve_version_dir
 from service.metrics import ServiceMetrics
@@ -57,6 +59,7 @@ class Pipeline:
         scorer: Scorer,
         batcher: Batcher,
         metrics: ServiceMetrics,
+        pools: Pools,
     ) -> None:
         self.manifest = manifest
         self.encoder = encoder
@@ -65,6 +68,7 @@ class Pipeline:
         self.scorer = scorer
         self.batcher = batcher
         self._metrics = metrics
+        self._pools = pools
 
     @property
     def version(self) -> str:
@@ -76,7 +80,7 @@ class Pipeline:
 
     @classmethod
     async def load(
-        cls, settings: Settings, store: FeatureStore, metrics: ServiceMetrics
+        cls, settings: Settings, store: FeatureStore, metrics: ServiceMetrics, pools: Pools
     ) -> Pipeline:
         """Load the model version named by settings, then warm every batch shape."""
         stages = await asyncio.to_thread(_load_stages, settings)
@@ -99,7 +103,7 @@ class Pipeline:
             observer=metrics,
         )
         pipeline = cls(
-            manifest, stages.encoder, stages.retriever, fetcher, scorer, batcher, metrics
+            manifest, stages.encoder, stages.retriever, fetcher, scorer, batcher, metrics, pools
         )
         try:
             await pipeline._warm_up()
@@ -112,13 +116,13 @@ class Pipeline:
         started = time.perf_counter()
         self.batcher.start()
         await self.batcher.warm_up()
-        encoded = await asyncio.to_thread(self.encoder.encode, WARM_UP_QUERY)
+        encoded = await self._pools.compute.run(self.encoder.encode, WARM_UP_QUERY)
         if encoded.retrieval_vector.shape != (self.retriever.dims,):
             raise ArtifactError(
                 f"query_encoder gives a retrieval_vector of {encoded.retrieval_vector.shape[0]} "
                 f"dims, the index has {self.retriever.dims}"
             )
-        await asyncio.to_thread(self.retriever.search, encoded.retrieval_vector, 1)
+        await self._pools.compute.run(self.retriever.search, encoded.retrieval_vector, 1)
         await self._warm_feature_cache()
         log.info(
             "model %s (%s, %s) warmed on %s in %.2f s (buckets %s)",
@@ -136,7 +140,7 @@ class Pipeline:
         other features leaves the cache to fill from traffic, and /readyz reports the store."""
         started = time.perf_counter()
         try:
-            rows = await asyncio.to_thread(self.fetcher.warm, self.retriever.ids)
+            rows = await self._pools.store.run(self.fetcher.warm, self.retriever.ids)
         except FeatureStoreError as exc:
             log.warning("feature cache not warmed (it fills from traffic): %s", exc)
             return
@@ -161,25 +165,26 @@ class Pipeline:
             metrics.cache_hits.inc()
             metrics.observe_stage("encode", time.perf_counter() - started)
 
+        compute, store = self._pools.compute, self._pools.store
         if request.candidate_ids is not None:
             ids = request.candidate_ids
-            fetch_started = time.perf_counter()
-            probe = self.fetcher.probe(ids)  # once per request, on the loop
-            if probe is not None and probe.complete:  # no I/O left: stay on the loop
-                batch = self._fetch(ids, probe, fetch_started)
-                if encoded is None:
-                    encoded = await asyncio.to_thread(self._encode, request.query)
-            elif encoded is None:
-                encoded, batch = await asyncio.gather(
-                    asyncio.to_thread(self._encode, request.query),
-                    asyncio.to_thread(self._fetch, ids, probe, fetch_started),
-                )
-            else:
-                batch = await asyncio.to_thread(self._fetch, ids, probe, fetch_started)
         else:
-            encoded, ids, batch = await asyncio.to_thread(
-                self._retrieve_and_fetch, request.query, encoded, request.retrieve_k
+            encoded, ids = await compute.run(
+                self._encode_and_retrieve, request.query, encoded, request.retrieve_k
             )
+        fetch_started = time.perf_counter()
+        probe = self.fetcher.probe(ids)  # once per request, on the loop
+        if probe is not None and probe.complete:  # no I/O left: stay on the loop
+            batch = self._fetch(ids, probe, fetch_started)
+            if encoded is None:
+                encoded = await compute.run(self._encode, request.query)
+        elif encoded is None:
+            encoded, batch = await asyncio.gather(
+                compute.run(self._encode, request.query),
+                store.run(self._fetch, ids, probe, fetch_started),
+            )
+        else:
+            batch = await store.run(self._fetch, ids, probe, fetch_started)
 
         if batch.missing:
             metrics.missing_ids.inc(len(batch.missing))
@@ -202,7 +207,7 @@ class Pipeline:
             contributions,
         )
 
-    # Stage calls, each timed. They block (worker threads), except a fetch whose cache probe
+    # Stage calls, each timed. They block (pool threads), except a fetch whose cache probe
     # was complete, which does no I/O and runs on the loop.
 
     def _encode(self, query: str) -> EncodedQuery:
@@ -218,14 +223,13 @@ class Pipeline:
         self._metrics.observe_stage("fetch", time.perf_counter() - started)
         return batch
 
-    def _retrieve_and_fetch(
+    def _encode_and_retrieve(
         self, query: str, encoded: EncodedQuery | None, k: int
-    ) -> tuple[EncodedQuery, list[str], FeatureBatch]:
+    ) -> tuple[EncodedQuery, list[str]]:
         if encoded is None:
             encoded = self._encode(query)
         with self._metrics.stage("retrieve"):
-            ids = self.retriever.search(encoded.retrieval_vector, k)
-        return encoded, ids, self._fetch(ids)
+            return encoded, self.retriever.search(encoded.retrieval_vector, k)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

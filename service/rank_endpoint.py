@@ -7,8 +7,10 @@ parsing 1,000 ids and writing the answer. The contract is FastAPI's, answer for 
 - 413 ``{"detail": "request body over N bytes"}`` as soon as the body is known to be larger;
 - 422 ``{"detail": [{"loc": ["body", ...], "msg": ..., "type": ...}]}`` (strict pydantic
   validation of the raw JSON, before anything else, so bad input is a 422 while the model loads);
-- 503 ``{"detail": reason}`` with Retry-After when the model is not ready, a dependency is down
-  or slow, or the request ran past ``request_timeout_s``;
+- any error raised while ranking is answered as service.http_errors maps it: 503 with
+  Retry-After when the model is not ready, a dependency is down or slow, or the request ran
+  past ``request_timeout_s``; a JSON 500 naming the reason for a fault of the service or its
+  data;
 - 200 with the orjson body of Pipeline.rank.
 
 The app mounts it with ``methods=["POST"]`` (other methods get FastAPI's 405) and documents it
@@ -24,7 +26,9 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from service.errors import DeadlineExceeded, FeatureStoreError, ServiceNotReady
+from service.errors import DeadlineExceeded
+from service.http_errors import error_answer
+from service.runtime import runtime_of
 from service.schemas import (
     ErrorResponse,
     RankRequest,
@@ -49,7 +53,7 @@ class RankEndpoint:
         self._model = request_model
         self._max_body_bytes = max_body_bytes
         self._timeout_s = request_timeout_s
-        self._retry_after = [(b"retry-after", str(retry_after_s).encode())]
+        self._retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_body(scope, receive)
@@ -62,11 +66,8 @@ class RankEndpoint:
         except ValidationError as exc:
             await _answer(send, 422, orjson.dumps({"detail": validation_errors(exc)}))
             return
-        runtime = scope["app"].state.runtime  # service.app.Runtime; None before start-up
         try:
-            if runtime is None:
-                raise ServiceNotReady("not ready: starting")
-            with runtime.lease() as pipeline:  # a model reload waits for this request
+            with runtime_of(scope["app"]).lease() as pipeline:  # a reload waits for this request
                 try:
                     async with asyncio.timeout(self._timeout_s):
                         ranked = await pipeline.rank(request)
@@ -75,8 +76,9 @@ class RankEndpoint:
                         f"no answer within request_timeout_s = {self._timeout_s:g} s: a "
                         "dependency is slow or the service is overloaded"
                     ) from None
-        except (ServiceNotReady, FeatureStoreError, DeadlineExceeded) as exc:
-            await _answer(send, 503, orjson.dumps({"detail": str(exc)}), self._retry_after)
+        except Exception as exc:  # every error is answered in JSON, as http_errors maps it
+            status, payload, headers = error_answer(exc, self._retry_after_s)
+            await _answer(send, status, payload, [(k.encode(), v.encode()) for k, v in headers])
             return
         await _answer(send, 200, ranked)
 
@@ -136,6 +138,11 @@ def documentation_route(request_model: type[RankRequest]) -> APIRoute:
             200: {"model": RankResponse, "description": "Items by score, best first."},
             413: {"model": ErrorResponse, "description": "Request body too large."},
             422: {"model": ValidationErrorResponse, "description": "Invalid body."},
+            500: {
+                "model": ErrorResponse,
+                "description": "A fault of the service or its data (e.g. the feature store "
+                "refuses the service's credentials); not worth retrying.",
+            },
             503: {
                 "model": ErrorResponse,
                 "description": "Not ready, a dependency is down or slow, or overloaded; "

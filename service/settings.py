@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("fusionrank", min_length=1)
     feature_timeout_s: float = Field(1.0, gt=0, le=60)
     """Socket timeout of one feature store round trip."""
+    follow_published: bool = False
+    """Follow the store's published pointer: when it names the features of another model than
+    the one served, load and warm the version models/CURRENT names (once its features are the
+    published ones), then swap to it. A fleet of replicas then upgrades one at a time after
+    ``python -m export`` publishes; without it, use POST /admin/reload."""
+    follow_interval_s: float = Field(5.0, gt=0, le=3600)
+    """How often the pointer is polled when following it (each wait jittered by +-50 %)."""
 
     # -- HTTP server -----------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -48,6 +55,11 @@ class Settings(BaseSettings):
     """auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail unless CUDA works."""
     intra_op_threads: int = Field(1, ge=1, le=256)
     """onnxruntime (and FAISS) threads per operator, per worker process."""
+    feature_store_threads: int = Field(4, ge=1, le=256)
+    """Threads per worker for feature store round trips, apart from every other blocking work:
+    a hung store can hold these (each for at most feature_timeout_s), never the encoder's."""
+    compute_threads: int = Field(2, ge=1, le=256)
+    """Threads per worker for CPU work off the event loop: query encoding and FAISS search."""
     batch_max_size: int = Field(2048, ge=1, le=65536)
     """Most candidate rows scored in one onnxruntime run (the largest shape bucket)."""
     batch_max_wait_us: int = Field(500, ge=0, le=1_000_000)

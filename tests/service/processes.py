@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -195,8 +196,35 @@ class Outcome:
         return self.done - self.sent
 
 
+class BackgroundLoad:
+    """A load that runs ``self._run()`` on an event loop of its own thread: ``with`` starts it,
+    ``stop()`` ends it and returns what every request got (``outcomes``)."""
+
+    outcomes: list[Outcome]
+    timeout_s: float
+
+    def __post_init__(self) -> None:
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> list[Outcome]:
+        self._stopping.set()
+        self._thread.join(timeout=MAX_LOAD_S + self.timeout_s + 30)
+        return self.outcomes
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class Load:
+class Load(BackgroundLoad):
     """``clients`` concurrent clients posting /rank in a loop on a thread of their own, until
     ``stop()`` (or MAX_LOAD_S): each waits for its answer before sending the next."""
 
@@ -206,22 +234,6 @@ class Load:
     timeout_s: float = 10.0
     backoff_s: float = 0.05  # after an error status: a client that backs off a little
     outcomes: list[Outcome] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def stop(self) -> list[Outcome]:
-        self._stopping.set()
-        self._thread.join(timeout=MAX_LOAD_S + 30)
-        return self.outcomes
 
     def since(self, moment: float) -> list[Outcome]:
         return [o for o in list(self.outcomes) if o.sent >= moment]
@@ -253,6 +265,39 @@ class Load:
             self.outcomes.append(outcome)
             if outcome.status != 200:
                 await asyncio.sleep(self.backoff_s)
+
+
+@dataclass
+class PacedLoad(BackgroundLoad):
+    """Open loop: a /rank request every ``1 / rate`` seconds whatever the server does (slow
+    answers do not slow the sending), from a thread of its own, until ``stop()`` or
+    ``duration_s`` (at most MAX_LOAD_S)."""
+
+    url: str
+    rate: float
+    bodies: list[dict]
+    duration_s: float = MAX_LOAD_S
+    timeout_s: float = 10.0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    async def _run(self) -> None:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(
+            base_url=self.url, timeout=self.timeout_s, limits=limits
+        ) as client:
+            started = time.monotonic()
+            duration = min(self.duration_s, MAX_LOAD_S)
+            tasks = []
+            sent = 0
+            while not self._stopping.is_set() and time.monotonic() - started < duration:
+                body = self.bodies[sent % len(self.bodies)]
+                tasks.append(asyncio.create_task(self._one(client, body)))
+                sent += 1
+                await asyncio.sleep(max(0.0, started + sent / self.rate - time.monotonic()))
+            await asyncio.gather(*tasks)
+
+    async def _one(self, client: httpx.AsyncClient, body: dict) -> None:
+        self.outcomes.append(await post(client, body))
 
 
 async def post(client: httpx.AsyncClient, body: dict) -> Outcome:

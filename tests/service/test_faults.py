@@ -8,6 +8,7 @@ Retry-After here); the service process is never restarted.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -16,10 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.manifest import load_manifest
 from tests.service.processes import (
     LOST,
     Load,
     Outcome,
+    PacedLoad,
     burst,
     post,
     publish_sample,
@@ -121,6 +124,89 @@ def test_redis_hung_then_down_is_503_within_the_timeout_and_recovers(
         assert ready.status_code == 503
         assert ready.json()["detail"].startswith("feature store:"), ready.text
     assert ready_after.status_code == 200, ready_after.text
+
+
+def test_hung_redis_spares_requests_whose_vectors_are_cached(
+    sample_artifacts: Path, sample_version_dir: Path, tmp_path: Path
+) -> None:
+    """Redis SIGSTOPped with the feature cache on (filled with every indexed item at start):
+    requests whose vectors are all cached keep getting 200, query-cache misses and retrieval
+    included, because the store's pool is apart from the encoder's and FAISS's; 200 requests
+    that need Redis (an id the cache does not hold) get 503 within the deadline; after
+    SIGCONT every kind answers 200 again."""
+    indexed = json.loads(
+        (sample_version_dir / load_manifest(sample_version_dir).index.ids_file).read_bytes()
+    )
+    cached = [
+        body
+        for n in range(400)  # distinct queries: every one is a query-cache miss
+        for body in (
+            {"query": f"blue shirt {n}", "candidate_ids": indexed[n : n + 100], "top_k": 5},
+            {"query": f"black watch {n}", "retrieve_k": 100, "top_k": 5},
+        )
+    ]
+    needs_redis = [
+        {"query": f"red heels {n}", "candidate_ids": [*indexed[:50], f"not-cached-{n}"]}
+        for n in range(200)
+    ]
+
+    async def send_all(url: str, bodies: list[dict], concurrency: int) -> list[Outcome]:
+        gate = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+            async def one(body: dict) -> Outcome:
+                async with gate:
+                    return await post(client, body)
+
+            return list(await asyncio.gather(*(one(body) for body in bodies)))
+
+    with redis_server() as redis:
+        publish_sample(sample_artifacts, sample_version_dir, redis.url)
+        env = {
+            "FUSIONRANK_ARTIFACTS_DIR": str(sample_artifacts),
+            "FUSIONRANK_REDIS_URL": redis.url,
+            "FUSIONRANK_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+            "FUSIONRANK_FEATURE_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+            "FUSIONRANK_MAX_IN_FLIGHT": "64",  # overload is another test
+        }
+        with running_service(tmp_path / "service.log", **env) as service:
+            before = asyncio.run(send_all(service.url, [cached[0], needs_redis[0]], 2))
+            redis.pause()
+            hung = time.perf_counter()
+            with PacedLoad(service.url, 20, cached) as cached_load:
+                time.sleep(0.5)
+                refused = asyncio.run(send_all(service.url, needs_redis, concurrency=8))
+                time.sleep(0.5)
+                spared = cached_load.stop()
+            redis.resume()
+            resumed = time.perf_counter()
+            deadline = time.monotonic() + 10
+            while asyncio.run(send_all(service.url, needs_redis[:1], 1))[0].status != 200:
+                assert time.monotonic() < deadline, "no 200 within 10 s of SIGCONT"
+                time.sleep(0.1)
+            recovered = time.perf_counter() - resumed
+            after = asyncio.run(send_all(service.url, cached[:20] + needs_redis[:20], 4))
+            log = service.output()
+
+    spared_ms = sorted(1000 * o.seconds for o in spared)
+    report("redis_hung_cached", spared, redis_hung_s=round(resumed - hung, 1))
+    report(
+        "redis_hung_needs_redis",
+        refused,
+        worst_ms=round(1000 * max(o.seconds for o in refused), 1),
+        timeout_ms=1000 * REQUEST_TIMEOUT_S,
+    )
+    report("redis_resumed", after, seconds_to_first_200=round(recovered, 2))
+    assert [o.status for o in before] == [200, 200]
+    assert len(spared) >= 20 and {o.status for o in spared} == {200}, summary(spared)
+    assert (
+        spared_ms[int(0.99 * (len(spared_ms) - 1))] < 1000 * REQUEST_TIMEOUT_S
+    )  # no waiting on Redis
+    assert len(refused) == 200 and {o.status for o in refused} == {503}, summary(refused)
+    assert all(o.retry_after == "1" and o.detail for o in refused)
+    assert max(o.seconds for o in refused) <= REQUEST_TIMEOUT_S + SLACK_S
+    assert {o.status for o in after} == {200}, summary(after)
+    assert "Traceback" not in log, log
 
 
 def test_overload_is_refused_at_once_with_retry_after(

@@ -16,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from service.app import create_app
-from service.features import FeatureLayout, RedisFeatureStore
+from service.features import EmbeddedFeatureStore, FeatureLayout, RedisFeatureStore, Retention
 from service.manifest import load_manifest
 from service.settings import Settings
 from service.stages.scoring import bucket_sizes
@@ -105,27 +105,42 @@ async def test_feature_store_down_is_503(
 
 
 @pytest.mark.slow
-async def test_features_of_another_export_are_503(
+async def test_ready_only_while_the_models_own_features_are_stored(
     sample_artifacts: Path,
     sample_version_dir: Path,
     redis_url: str,
     redis_prefix: str,
     serve: ServeApp,
 ) -> None:
+    """Readiness follows the model's own feature version, not the store's pointer: another
+    export published beside it changes nothing; its own retired makes the replica unready."""
+    manifest = load_manifest(sample_version_dir)
+    ids = json.loads((sample_version_dir / manifest.index.ids_file).read_bytes())
+    own = EmbeddedFeatureStore(sample_artifacts / "features").fetch(ids, manifest.features_version)
     store = RedisFeatureStore.from_url(redis_url, prefix=redis_prefix)
-    layout = FeatureLayout.from_dict(load_manifest(sample_version_dir).feature_layout)
-    async with serve(
-        create_app(Settings(artifacts_dir=sample_artifacts), feature_store=store)
-    ) as c:
+    layout = FeatureLayout.from_dict(manifest.feature_layout)
+    settings = Settings(artifacts_dir=sample_artifacts, feature_cache_items=0)
+    async with serve(create_app(settings, feature_store=store)) as c:
         nothing = await c.get("/readyz")
+        nothing_rank = await c.post("/rank", json=VALID)
+        store.publish(ids, own.matrix, layout, manifest.features_version)
+        published = await c.get("/readyz")
         store.publish(["1164"], np.ones((1, layout.dims), np.float16), layout, "f-other")
-        other = await c.get("/readyz")
-        rank = await c.post("/rank", json=VALID)
+        beside = await c.get("/readyz")
+        beside_rank = await c.post("/rank", json=VALID)
+        store.retire(Retention(keep=1, grace_s=0))  # the model's own version is retired
+        retired = await c.get("/readyz")
+        retired_rank = await c.post("/rank", json=VALID)
     store.close()
-    assert nothing.status_code == 503 and "no published version" in nothing.json()["detail"]
-    assert other.status_code == 503
-    assert "serves version f-other, the model was exported with f-" in other.json()["detail"]
-    assert rank.status_code == 503 and "f-other" in rank.json()["detail"]
+    assert nothing.status_code == 503 and "not in the store" in nothing.json()["detail"]
+    assert nothing_rank.status_code == 503 and nothing_rank.headers["retry-after"] == "1"
+    assert published.status_code == 200
+    assert beside.status_code == 200, beside.text  # the pointer names f-other now
+    assert beside.json()["features_version"] == manifest.features_version
+    assert beside_rank.status_code == 200 and beside_rank.json()["items"][0]["id"] == "1164"
+    assert retired.status_code == 503
+    assert manifest.features_version in retired.json()["detail"]
+    assert retired_rank.status_code == 503 and "retired" in retired_rank.json()["detail"]
 
 
 def _copy_with(artifacts: Path, version_dir: Path, tmp: Path, replace: dict[str, bytes]) -> Path:
