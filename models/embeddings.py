@@ -6,6 +6,7 @@ retraining reuses it and a changed catalogue or encoder never reads a stale one.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,9 @@ def item_embeddings(
     )
     image = encode_images(catalogue, ids, progress="image embeddings" if verbose else "")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    # A temporary name of this process's own: concurrent runs never rename each other's
+    # half-written file into place.
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}.tmp.npz")
     np.savez(tmp, ids=np.array(ids), text=text, image=image.astype(np.float16))
     tmp.replace(path)
     if verbose:
@@ -115,5 +118,7 @@ def stripped_title_embeddings(
             progress="colour-free titles" if verbose else "",
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, out)
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}.tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(path)
     return out
