@@ -121,7 +121,8 @@ def test_replicas_follow_a_published_model_one_by_one_without_a_failed_answer(
                 outcomes = load.stop()
 
             keys_before = redis_keys(redis.url, f"{PREFIX}:v:{old_features}:*")
-            time.sleep(max(0.0, published_at + GRACE_S + 1 - time.monotonic()))
+            # The grace counts from the new version's publish time, recorded as export ended.
+            time.sleep(max(0.0, published + GRACE_S + 1 - time.monotonic()))
             retired = export(artifacts, *store_args, "--keep-versions", "1",
                              "--retention-grace-s", str(GRACE_S), "--retire-only")  # fmt: skip
             keys_after = redis_keys(redis.url, f"{PREFIX}:v:{old_features}:*")
