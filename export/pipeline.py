@@ -10,7 +10,9 @@
 3. Item features (float16) are computed for the whole catalogue and published to the feature
    store (Redis when a URL is given, else the embedded store in `<out>/features`). The store's
    version is a hash of the features, and publishing an unchanged version is a no-op.
-4. `<out>/models/CURRENT` names the version to serve.
+4. The indexed items' attributes are written beside the index (export.attributes), for the
+   service's filters, boosts and diversity.
+5. `<out>/models/CURRENT` names the version to serve.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.attributes import write_attributes
 from export.graphs import OPSET, export_all, graph_defs
 from export.index import build_index
 from export.items import write_items
@@ -277,6 +280,9 @@ def run(
             log,
             index_shards,
         )
+
+    index_ids = json.loads((target / manifest.index.ids_file).read_bytes())
+    write_attributes(catalogue, index_ids, target, log)  # reused versions get them too
 
     store = store or open_feature_store(redis_url, out / "features", prefix=redis_prefix)
     report = store.publish(

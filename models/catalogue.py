@@ -49,6 +49,7 @@ class Product:
     usage: str
     season: str
     image_dup_group: str
+    year: int | None = None
 
     @property
     def group(self) -> str:
@@ -182,8 +183,23 @@ def load_catalogue(root: str | Path, *, require_images: bool = True) -> Catalogu
                     usage=row["usage"].strip(),
                     season=(row.get("season") or "").strip(),
                     image_dup_group=(row.get("image_dup_group") or "").strip(),
+                    year=_year(row.get("year"), products_path, line),
                 )
             )
     if not products:
         raise CatalogueError(f"{products_path}: no products with images")
     return Catalogue(root, products, image_names, archive_path)
+
+
+def _year(raw: str | None, path: Path, line: int) -> int | None:
+    """The optional year column: empty is unknown; anything else must be a whole year."""
+    text = (raw or "").strip()
+    if not text:
+        return None
+    try:
+        year = float(text)
+    except ValueError:
+        raise CatalogueError(f"{path}: row {line} has year {text!r}, not a number") from None
+    if not year.is_integer() or not 1900 <= year <= 2100:
+        raise CatalogueError(f"{path}: row {line} has year {text!r}, not a year")
+    return int(year)
