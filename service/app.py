@@ -32,7 +32,7 @@ from service.features import FeatureStore
 from service.http_errors import error_answer
 from service.limits import InFlightLimit
 from service.metrics import CONTENT_TYPE, OTHER_ROUTE, ServiceMetrics
-from service.rank_endpoint import RankEndpoint, documentation_route
+from service.rank_endpoint import RankEndpoint, documentation_route, request_schema
 from service.runtime import Runtime, runtime_of
 from service.schemas import (
     ReadinessResponse,
@@ -115,12 +115,15 @@ def create_app(
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = get_openapi(
+            schema = get_openapi(
                 title=app.title,
                 version=app.version,
                 summary=app.summary,
                 routes=[rank_documentation, *app.routes],
             )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_schema(request_model)[1])
+            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

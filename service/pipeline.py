@@ -1,8 +1,8 @@
 """The request path, composed from the stages of one loaded model version.
 
-    query -> encode (LRU cache) -> candidates (given, or FAISS top retrieve_k)
-          -> features (in-process cache, the rest in one feature store round trip)
-          -> batched scoring -> top_k
+    query -> encode (LRU cache) -> candidates (given and filtered, or FAISS's top retrieve_k
+             among the items the filters allow) -> features (in-process cache, the rest in one
+             feature store round trip) -> batched scoring -> boosts -> top_k (diversity caps)
 
 Blocking work runs off the event loop on bounded pools (service.executors): the query encoder
 and FAISS on the compute pool, feature store round trips on the store pool, scoring on the
@@ -27,6 +27,7 @@ from service.manifest import Manifest, load_manifest, resolve_version_dir
 from service.metrics import ServiceMetrics
 from service.schemas import RankRequest, render_ranking
 from service.settings import Settings
+from service.stages.attributes import ItemAttributes
 from service.stages.batcher import Batcher
 from service.stages.feature_cache import CacheProbe
 from service.stages.feature_fetch import FeatureFetcher
@@ -47,6 +48,7 @@ class _Stages:
     encoder: QueryEncoder
     retriever: Retriever
     scorer: Scorer
+    attributes: ItemAttributes
 
 
 class Pipeline:
@@ -57,6 +59,7 @@ class Pipeline:
         retriever: Retriever,
         fetcher: FeatureFetcher,
         scorer: Scorer,
+        attributes: ItemAttributes,
         batcher: Batcher,
         metrics: ServiceMetrics,
         pools: Pools,
@@ -66,6 +69,7 @@ class Pipeline:
         self.retriever = retriever
         self.fetcher = fetcher
         self.scorer = scorer
+        self.attributes = attributes
         self.batcher = batcher
         self._metrics = metrics
         self._pools = pools
@@ -103,7 +107,15 @@ class Pipeline:
             observer=metrics,
         )
         pipeline = cls(
-            manifest, stages.encoder, stages.retriever, fetcher, scorer, batcher, metrics, pools
+            manifest,
+            stages.encoder,
+            stages.retriever,
+            fetcher,
+            scorer,
+            stages.attributes,
+            batcher,
+            metrics,
+            pools,
         )
         try:
             await pipeline._warm_up()
@@ -154,8 +166,16 @@ class Pipeline:
 
     async def rank(self, request: RankRequest) -> bytes:
         """The JSON body answering ``request``."""
+        filtered_out = 0
+        if request.candidate_ids is not None and request.filters is not None:
+            ids = request.candidate_ids
+            keep = self.attributes.matches(request.filters, self.attributes.rows(ids))
+            filtered_out = len(ids) - int(keep.sum())
+            if filtered_out:
+                kept = [item for item, ok in zip(ids, keep.tolist(), strict=True) if ok]
+                request = request.model_copy(update={"candidate_ids": kept})
         if request.candidate_ids == []:
-            return render_ranking([], [], self.version, [])
+            return render_ranking([], [], self.version, [], filtered_out=filtered_out)
         metrics = self._metrics
         started = time.perf_counter()
         encoded = self.encoder.lookup(request.query)
@@ -169,8 +189,10 @@ class Pipeline:
         if request.candidate_ids is not None:
             ids = request.candidate_ids
         else:
+            # The filter's mask is made here, on the loop (its cache is not shared with threads).
+            allowed = None if request.filters is None else self.attributes.mask(request.filters)
             encoded, ids = await compute.run(
-                self._encode_and_retrieve, request.query, encoded, request.retrieve_k
+                self._encode_and_retrieve, request.query, encoded, request.retrieve_k, allowed
             )
         fetch_started = time.perf_counter()
         probe = self.fetcher.probe(ids)  # once per request, on the loop
@@ -191,20 +213,38 @@ class Pipeline:
         with metrics.stage("score"):
             scores = await self.batcher.score(encoded.embedding, batch.matrix)
 
-        order = _top_k(scores.score, request.top_k)
-        positions = batch.found[order].tolist()
+        score = scores.score
+        boost = None
+        found_ids = [ids[p] for p in batch.found.tolist()]
+        if request.boosts or request.diversity:
+            rows = self.attributes.rows(found_ids)
+        if request.boosts:
+            boost = np.zeros(len(score), dtype=np.float32)
+            for rule in request.boosts:
+                boost[self.attributes.matches(rule.if_, rows)] += rule.add
+            score = score + boost
+        if request.diversity:
+            caps = {
+                name: (self.attributes.values(name, rows), limit)
+                for name, limit in request.diversity.max_per.items()
+            }
+            order = _diverse_top_k(score, request.top_k, caps)
+        else:
+            order = _top_k(score, request.top_k)
         contributions = None
         if request.explain:
             contributions = (
                 scores.text_contribution[order].tolist(),
                 scores.image_contribution[order].tolist(),
+                (np.zeros(len(order)) if boost is None else boost[order]).tolist(),
             )
         return render_ranking(
-            [ids[p] for p in positions],
-            scores.score[order].tolist(),
+            [found_ids[p] for p in order.tolist()],
+            score[order].tolist(),
             self.version,
             batch.missing,
             contributions,
+            filtered_out,
         )
 
     # Stage calls, each timed. They block (pool threads), except a fetch whose cache probe
@@ -224,12 +264,12 @@ class Pipeline:
         return batch
 
     def _encode_and_retrieve(
-        self, query: str, encoded: EncodedQuery | None, k: int
+        self, query: str, encoded: EncodedQuery | None, k: int, allowed: np.ndarray | None
     ) -> tuple[EncodedQuery, list[str]]:
         if encoded is None:
             encoded = self._encode(query)
         with self._metrics.stage("retrieve"):
-            return encoded, self.retriever.search(encoded.retrieval_vector, k)
+            return encoded, self.retriever.search(encoded.retrieval_vector, k, allowed)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -239,6 +279,32 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
         best.sort()  # candidate order, so the stable sort below breaks ties by position
         return best[np.argsort(-scores[best], kind="stable")]
     return np.argsort(-scores, kind="stable")
+
+
+def _diverse_top_k(
+    scores: np.ndarray, k: int, caps: dict[str, tuple[np.ndarray, int]]
+) -> np.ndarray:
+    """Indices of the best scores, best first, taking at most ``limit`` items per value of each
+    capped attribute (``values`` per candidate, -1: the item has none, never capped); an item
+    over a quota is passed over for the next best. Greedy and stable (ties by position)."""
+    taken: list[int] = []
+    counts: dict[str, dict[int, int]] = {name: {} for name in caps}
+    for position in np.argsort(-scores, kind="stable").tolist():
+        over = False
+        for name, (values, limit) in caps.items():
+            value = int(values[position])
+            if value >= 0 and counts[name].get(value, 0) >= limit:
+                over = True
+                break
+        if over:
+            continue
+        for name, (values, _) in caps.items():
+            value = int(values[position])
+            counts[name][value] = counts[name].get(value, 0) + 1
+        taken.append(position)
+        if len(taken) == k:
+            break
+    return np.asarray(taken, dtype=np.int64)
 
 
 def _load_stages(settings: Settings) -> _Stages:
@@ -260,9 +326,10 @@ def _load_stages(settings: Settings) -> _Stages:
         min_bucket=settings.batch_min_bucket,
         **common,
     )
+    attributes = ItemAttributes.load(version_dir, retriever.ids)
     if retriever.dims != manifest.layout.dims:
         raise ArtifactError(
             f"{version_dir}: the index has {retriever.dims} dims, the feature layout "
             f"{manifest.layout.dims}"
         )
-    return _Stages(manifest, encoder, retriever, scorer)
+    return _Stages(manifest, encoder, retriever, scorer, attributes)

@@ -121,9 +121,16 @@ async def _answer(
     await send({"type": "http.response.body", "body": body})
 
 
+def request_schema(request_model: type[RankRequest]) -> tuple[dict, dict]:
+    """(the request body's JSON schema, the schemas of the models it nests): the nested ones
+    belong in the OpenAPI document's components, where the body's references point."""
+    schema = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return schema, schema.pop("$defs", {})
+
+
 def documentation_route(request_model: type[RankRequest]) -> APIRoute:
     """A route that is never mounted, only described in the OpenAPI schema: what RankEndpoint
-    accepts and answers."""
+    accepts and answers (the nested models' schemas: ``request_schema``)."""
 
     async def rank() -> None:  # the name gives the operationId, as a FastAPI route's would
         raise NotImplementedError
@@ -152,7 +159,7 @@ def documentation_route(request_model: type[RankRequest]) -> APIRoute:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": request_model.model_json_schema()}},
+                "content": {"application/json": {"schema": request_schema(request_model)[0]}},
             }
         },
     )

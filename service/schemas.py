@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,6 +31,93 @@ class RequestLimits:
     max_retrieve_k: int = API_MAX_RETRIEVE_K
     default_top_k: int = 10
     default_retrieve_k: int = 200
+
+
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+MAX_FILTER_VALUES = 100
+MAX_BOOSTS = 16
+
+FilterValues = Annotated[list[str], Field(min_length=1, max_length=MAX_FILTER_VALUES)]
+
+
+class NotOneOf(BaseModel):
+    """``{"not": [values]}``: items whose value is none of these."""
+
+    model_config = _STRICT
+    not_: FilterValues = Field(alias="not")
+
+
+class YearRange(BaseModel):
+    """``{"gte": 2015, "lte": 2018}``: either bound may be absent."""
+
+    model_config = _STRICT
+    gte: int | None = None
+    lte: int | None = None
+
+
+# One value (equality), a list (one of), or {"not": [...]} (none of).
+AttributeFilter = str | FilterValues | NotOneOf
+
+
+class Filters(BaseModel):
+    """Item attributes every returned item must match (all conditions at once). Values are
+    the catalogue's own (e.g. gender "Men", "Women", "Unisex"); a value no item has matches
+    nothing. Items the index does not hold have no attributes and never match."""
+
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={
+            "examples": [
+                {
+                    "gender": ["Men", "Unisex"],
+                    "articleType": {"not": ["Socks"]},
+                    "year": {"gte": 2015},
+                }
+            ]
+        },
+    )
+    gender: AttributeFilter | None = None
+    masterCategory: AttributeFilter | None = None  # noqa: N815 (the catalogue's names)
+    subCategory: AttributeFilter | None = None  # noqa: N815
+    articleType: AttributeFilter | None = None  # noqa: N815
+    baseColour: AttributeFilter | None = None  # noqa: N815
+    season: AttributeFilter | None = None
+    usage: AttributeFilter | None = None
+    year: int | YearRange | None = None
+
+    def conditions(self) -> dict[str, AttributeFilter | int | YearRange]:
+        """The attributes this filter constrains, by name."""
+        return {name: value for name, value in self if value is not None}
+
+
+class Boost(BaseModel):
+    """``{"if": {filters}, "add": 0.5}``: add to the score of every item matching the filters,
+    after the model scored it (shown as ``boost`` with explain)."""
+
+    model_config = ConfigDict(**_STRICT, populate_by_name=False)
+    if_: Filters = Field(alias="if")
+    add: Annotated[float, Field(ge=-1000, le=1000, allow_inf_nan=False)]
+
+
+class Diversity(BaseModel):
+    """``{"max_per": {"articleType": 3}}``: at most that many of the returned items share a
+    value of the attribute. Greedy and stable: items are taken best first, and an item whose
+    value already has its quota is passed over for the next best."""
+
+    model_config = _STRICT
+    max_per: dict[
+        Literal[
+            "gender",
+            "masterCategory",
+            "subCategory",
+            "articleType",
+            "baseColour",
+            "season",
+            "usage",
+            "year",
+        ],
+        Annotated[int, Field(ge=1, le=API_MAX_TOP_K)],
+    ] = Field(min_length=1)
 
 
 class RankRequest(BaseModel):
@@ -57,6 +144,28 @@ class RankRequest(BaseModel):
     explain: Annotated[
         bool, Field(description="Add each item's text and image contributions to its score.")
     ] = False
+    filters: Annotated[
+        Filters | None,
+        Field(
+            description="Only items with these attributes: given candidates that do not match "
+            "are dropped (counted in filtered_out); retrieval searches the matching items only."
+        ),
+    ] = None
+    boosts: Annotated[
+        list[Boost] | None,
+        Field(
+            max_length=MAX_BOOSTS,
+            description="Score modifiers by attribute match, added after the model's score.",
+            examples=[[{"if": {"usage": "Sports"}, "add": 0.5}]],
+        ),
+    ] = None
+    diversity: Annotated[
+        Diversity | None,
+        Field(
+            description="Caps on how many returned items share an attribute value.",
+            examples=[{"max_per": {"articleType": 3}}],
+        ),
+    ] = None
 
     @field_validator("candidate_ids")
     @classmethod
@@ -104,12 +213,17 @@ class RankedItem(BaseModel):
     score: float
     text_contribution: float | None = Field(None, description="Only with explain.")
     image_contribution: float | None = Field(None, description="Only with explain.")
+    boost: float | None = Field(None, description="Only with explain: what boosts added.")
 
 
 class RankResponse(BaseModel):
     items: list[RankedItem] = Field(description="By score, best first; at most top_k.")
     model_version: str = Field(description="Manifest version of the model that scored.")
     missing_ids: list[str] = Field(description="Candidate ids the feature store does not know.")
+    filtered_out: int = Field(
+        description="Given candidates dropped by the request's filters (0 for retrieval, which "
+        "searches matching items only)."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -139,16 +253,23 @@ def render_ranking(
     scores: list[float],
     model_version: str,
     missing_ids: list[str],
-    contributions: tuple[list[float], list[float]] | None = None,
+    contributions: tuple[list[float], list[float], list[float]] | None = None,
+    filtered_out: int = 0,
 ) -> bytes:
-    """The 200 body of POST /rank as JSON bytes; ``ids`` and ``scores`` are already ordered."""
+    """The 200 body of POST /rank as JSON bytes; ``ids`` and ``scores`` are already ordered;
+    ``contributions``: text, image and boost per item (explain)."""
     if contributions is None:
         items = [{"id": i, "score": s} for i, s in zip(ids, scores, strict=True)]
     else:
-        text, image = contributions
+        text, image, boost = contributions
         items = [
-            {"id": i, "score": s, "text_contribution": t, "image_contribution": v}
-            for i, s, t, v in zip(ids, scores, text, image, strict=True)
+            {"id": i, "score": s, "text_contribution": t, "image_contribution": v, "boost": b}
+            for i, s, t, v, b in zip(ids, scores, text, image, boost, strict=True)
         ]
-    body = {"items": items, "model_version": model_version, "missing_ids": missing_ids}
+    body = {
+        "items": items,
+        "model_version": model_version,
+        "missing_ids": missing_ids,
+        "filtered_out": filtered_out,
+    }
     return orjson.dumps(body)

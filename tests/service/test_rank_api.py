@@ -164,7 +164,8 @@ async def test_candidates_path_sorts_and_explains(
     expected = reference.scores("women handbag", ids)
     for item in items:
         score, text, image = expected[item["id"]]
-        assert set(item) == {"id", "score", "text_contribution", "image_contribution"}
+        assert set(item) == {"id", "score", "text_contribution", "image_contribution", "boost"}
+        assert item["boost"] == 0.0  # no boosts asked for
         assert item["text_contribution"] == pytest.approx(text, rel=1e-5, abs=1e-6)
         assert item["image_contribution"] == pytest.approx(image, rel=1e-5, abs=1e-6)
     plain = await rank(client, query="women handbag", candidate_ids=ids, top_k=3)
@@ -206,6 +207,7 @@ async def test_unknown_ids_are_listed_as_missing_and_skipped(
         "items": [],
         "model_version": reference.manifest.version,
         "missing_ids": ["x1", "x2"],
+        "filtered_out": 0,
     }
 
 

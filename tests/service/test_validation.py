@@ -6,6 +6,7 @@ loaded nothing: a valid body gets 503 (not ready), an invalid one 422.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,14 +171,22 @@ async def test_openapi_documents_the_rank_bodies(app: FastAPI, unstarted_client:
         "top_k",
         "retrieve_k",
         "explain",
+        "filters",
+        "boosts",
+        "diversity",
     }
     assert request["properties"]["query"]["maxLength"] == 256
+    # Nested bodies are components of the document, so their references resolve.
+    components = schema["components"]["schemas"]
+    assert {"Filters", "NotOneOf", "YearRange", "Boost", "Diversity"} <= set(components)
+    assert "$defs" not in request and "$defs" not in json.dumps(schema)
     ok = rank["responses"]["200"]["content"]["application/json"]["schema"]
     assert ok == {"$ref": "#/components/schemas/RankResponse"}
     assert set(schema["components"]["schemas"]["RankResponse"]["properties"]) == {
         "items",
         "model_version",
         "missing_ids",
+        "filtered_out",
     }
     assert {"422", "503"} <= set(rank["responses"])
     assert {"/healthz", "/readyz", "/metrics"} <= set(schema["paths"])

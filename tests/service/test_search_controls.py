@@ -1,0 +1,178 @@
+"""Search controls of POST /rank through HTTP: attribute filters (given candidates, and inside
+the FAISS search), boosts, diversity, and the 422s of a malformed control. The reference for
+what matches is the catalogue file itself (models.catalogue), and for filtered retrieval an
+exact brute-force search over the index's own vectors with the exported query encoder."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from models.catalogue import Product, load_catalogue
+from service.app import create_app
+from service.settings import Settings
+from tests.service.test_rank_api import Reference
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ServeApp = Callable[[FastAPI], AbstractAsyncContextManager[httpx.AsyncClient]]
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def products() -> dict[str, Product]:
+    return {p.id: p for p in load_catalogue(SAMPLE)}
+
+
+@pytest.fixture(scope="module")
+def reference(sample_artifacts: Path, sample_version_dir: Path) -> Reference:
+    return Reference(sample_artifacts, sample_version_dir)
+
+
+@pytest.fixture(scope="module")
+async def client(serve: ServeApp, sample_artifacts: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(create_app(Settings(artifacts_dir=sample_artifacts))) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        yield client
+
+
+async def rank(client: httpx.AsyncClient, **body: object) -> dict:
+    response = await client.post("/rank", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def men_but_not_tshirts(p: Product) -> bool:
+    return p.gender in ("Men", "Unisex") and p.article_type != "Tshirts"
+
+
+async def test_filters_drop_given_candidates_that_do_not_match_and_count_them(
+    client: httpx.AsyncClient, reference: Reference, products: dict[str, Product]
+) -> None:
+    ids = reference.ids[:300]
+    body = {
+        "query": "shirt for men",
+        "candidate_ids": [*ids, "no-such-id"],
+        "top_k": 400,
+        "filters": {"gender": ["Men", "Unisex"], "articleType": {"not": ["Tshirts"]}},
+    }
+    answer = await rank(client, **body)
+    matching = [i for i in ids if men_but_not_tshirts(products[i])]
+    assert 0 < len(matching) < len(ids)
+    assert sorted(item["id"] for item in answer["items"]) == sorted(matching)
+    assert answer["filtered_out"] == len(ids) - len(matching) + 1  # the unknown id too
+    assert answer["missing_ids"] == []
+    unfiltered = await rank(client, query="shirt for men", candidate_ids=ids, top_k=400)
+    assert unfiltered["filtered_out"] == 0
+    scores = {item["id"]: item["score"] for item in unfiltered["items"]}
+    assert all(item["score"] == scores[item["id"]] for item in answer["items"])
+
+
+@pytest.mark.parametrize(
+    ("filters", "matches"),
+    [
+        ({"gender": "Women", "masterCategory": "Footwear"},
+         lambda p: p.gender == "Women" and p.master_category == "Footwear"),
+        ({"baseColour": ["Red", "Maroon"], "usage": {"not": ["Sports"]}},
+         lambda p: p.colour in ("Red", "Maroon") and p.usage != "Sports"),
+        ({"articleType": "Watches", "year": {"gte": 2016}},
+         lambda p: p.article_type == "Watches" and (p.year or 0) >= 2016),
+    ],
+    ids=["women-footwear", "red-not-sports", "watches-since-2016"],
+)  # fmt: skip
+async def test_filtered_retrieval_is_the_exact_filtered_top_k(
+    client: httpx.AsyncClient,
+    reference: Reference,
+    products: dict[str, Product],
+    filters: dict,
+    matches: Callable[[Product], bool],
+) -> None:
+    query, k = "something nice to wear", 40
+    answer = await rank(client, query=query, retrieve_k=k, top_k=k, filters=filters)
+    got = [item["id"] for item in answer["items"]]
+
+    allowed = np.array([matches(products[i]) for i in reference.ids])
+    vectors = reference.index.reconstruct_n(0, reference.index.ntotal)
+    scores = vectors @ reference.encode(query)[1][0].astype(np.float32)
+    scores[~allowed] = -np.inf
+    exact = [reference.ids[r] for r in np.argsort(-scores, kind="stable")[: min(k, allowed.sum())]]
+    assert all(matches(products[i]) for i in got)
+    assert len(got) == min(k, int(allowed.sum()))  # k whenever that many exist
+    assert set(got) == set(exact)
+
+
+async def test_boosts_add_to_the_model_score_and_show_in_explain(
+    client: httpx.AsyncClient, reference: Reference, products: dict[str, Product]
+) -> None:
+    ids = reference.ids[:200]
+    plain = await rank(client, query="shoes", candidate_ids=ids, top_k=200)
+    boosted = await rank(
+        client,
+        query="shoes",
+        candidate_ids=ids,
+        top_k=200,
+        explain=True,
+        boosts=[{"if": {"usage": "Sports"}, "add": 50.0}, {"if": {"gender": "Men"}, "add": -1.5}],
+    )
+    base = {item["id"]: item["score"] for item in plain["items"]}
+    for item in boosted["items"]:
+        p = products[item["id"]]
+        expected = 50.0 * (p.usage == "Sports") - 1.5 * (p.gender == "Men")
+        assert item["boost"] == pytest.approx(expected)
+        assert item["score"] == pytest.approx(base[item["id"]] + expected, abs=1e-4)
+    sports = [products[i["id"]].usage == "Sports" for i in boosted["items"]]
+    assert any(sports) and sports == sorted(sports, reverse=True)  # every Sports item first
+
+
+async def test_diversity_caps_a_value_greedily_and_stably(
+    client: httpx.AsyncClient, reference: Reference, products: dict[str, Product]
+) -> None:
+    ids = reference.ids[:400]
+    full = await rank(client, query="blue tshirt for men", candidate_ids=ids, top_k=400)
+    capped = await rank(
+        client,
+        query="blue tshirt for men",
+        candidate_ids=ids,
+        top_k=12,
+        diversity={"max_per": {"articleType": 2}},
+    )
+    got = [item["id"] for item in capped["items"]]
+    counts = Counter(products[i].article_type for i in got)
+    assert len(got) == 12 and max(counts.values()) <= 2
+    expected, seen = [], Counter()  # the same greedy pass over the uncapped ranking
+    for item in full["items"]:
+        kind = products[item["id"]].article_type
+        if seen[kind] < 2:
+            seen[kind] += 1
+            expected.append(item["id"])
+    assert got == expected[:12]
+
+
+@pytest.mark.parametrize(
+    ("controls", "path"),
+    [
+        ({"filters": {"colour": "Red"}}, ["body", "filters", "colour"]),
+        ({"filters": {"gender": {"in": ["Men"]}}}, ["body", "filters", "gender", "NotOneOf", "in"]),
+        ({"filters": {"year": "2015"}}, ["body", "filters", "year", "int"]),
+        ({"filters": {"gender": []}}, ["body", "filters", "gender", "list[str]"]),
+        ({"boosts": [{"if": {"usage": "Sports"}, "add": "1"}]}, ["body", "boosts", 0, "add"]),
+        ({"diversity": {"max_per": {"brand": 2}}}, ["body", "diversity", "max_per", "brand"]),
+        ({"diversity": {"max_per": {"usage": 0}}}, ["body", "diversity", "max_per", "usage"]),
+    ],
+    ids=["unknown-attribute", "unknown-operator", "wrong-type", "empty-list", "boost-type",
+         "diversity-attribute", "diversity-zero"],
+)  # fmt: skip
+async def test_a_malformed_control_is_a_422_naming_its_path(
+    client: httpx.AsyncClient, controls: dict, path: list
+) -> None:
+    response = await client.post("/rank", json={"query": "red shirt", **controls})
+    assert response.status_code == 422, response.text
+    locations = [error["loc"][: len(path)] for error in response.json()["detail"]]
+    assert path in locations, locations
