@@ -7,7 +7,9 @@
    item features to Redis under a key prefix of the bench's own;
 2. starts the service (``python -m service``) on a free loopback port with 1 worker, waits for
    /readyz, sweeps open-loop rates for 1,000 given candidates, 100 given candidates and the
-   retrieval path (retrieve_k 200), reading the service's per-stage timings from /metrics;
+   retrieval path (retrieve_k 200), reading the service's per-stage timings from /metrics,
+   then checks filtered retrieval (loadtest.filtered: 200 random filter sets against the
+   catalogue and an exact search, and retrieval at 50 req/s without and with filters);
 3. starts the naive server (loadtest/naive_server.py: same graphs, one onnxruntime run per
    request, one Redis GET per item, no batcher, no cache), checks that both answer the same
    top 10 on a few queries, and sweeps it on the same workload;
@@ -38,15 +40,20 @@ from pathlib import Path
 
 import redis
 
+from loadtest import filtered
 from loadtest.openloop import Target, print_progress
 from loadtest.runner import get, post_json, prime, scrape, service_stages, sweep
 from loadtest.workload import REPO, Workload, default_query_files
+from models.catalogue import load_catalogue
 
 DEFAULT_PREFIX = "fusionrank-bench"
 READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 30
 SUSTAINABLE_P99_MS = 1000.0  # "sustains a rate": keeps up, answers within a second
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+FILTER_SETS = 200  # random filter sets checked by the filtered-retrieval scenario
+FILTERED_RATE = 50.0
+FILTERED_P99_RATIO = 1.5
 PRIME_QUERIES = 1500  # the popular head (~70 % of requests) is in each worker's query cache
 
 # name, candidates, p99 target (ms), p50 target (ms), rate target (req/s), service rates
@@ -411,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
                 "sweeps": run_sweeps(service, workload, args, naive=False),
             }
             if workers == 1:
+                runs["service-1w"]["filtered_retrieval"] = filtered_retrieval(
+                    service.target, workload, args
+                )
                 naive = Server(
                     "naive (1 worker)",
                     "loadtest.naive_server",
@@ -436,6 +446,48 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "report.md").write_text(markdown(report))
     print_progress(f"wrote {args.out / 'report.md'}, report.json, {png.name if png else 'no plot'}")
     print(markdown_targets(report))
+
+
+def filtered_retrieval(target: Target, workload: Workload, args: argparse.Namespace) -> dict:
+    """loadtest.filtered on the 1-worker service: FILTER_SETS random filter sets checked
+    against the catalogue and an exact search, then retrieval at FILTERED_RATE without and
+    with filters in alternating steps (the issue's target: filtered p99 <= 1.5x)."""
+    exact = filtered.ExactRetrieval(args.artifacts)
+    products = {p.id: p for p in load_catalogue(args.data)}
+    catalogue = [products[i] for i in exact.ids]
+    correctness = filtered.check_sets(
+        target, exact, products, workload, FILTER_SETS, 100, args.seed
+    )
+    latency = filtered.latency(
+        target, workload, catalogue, FILTERED_RATE, args.step_seconds, 2, 200, args.seed
+    )
+    return {"correctness": correctness, "latency": latency}
+
+
+def markdown_filtered(result: dict) -> list[str]:
+    c, lat = result["correctness"], result["latency"]
+    met = lat["p99_ratio"] <= FILTERED_P99_RATIO and not c["items_not_matching"]
+    return [
+        "## Filtered retrieval (`python -m loadtest.filtered`, 1 worker)",
+        "",
+        f"{c['filter_sets']} random filter sets of real attribute values, retrieve_k = top_k = "
+        f"100: {c['items_not_matching']} returned items not matching, {c['answers_short_of_k']} "
+        f"answers short of k; recall@100 against an exact filtered search mean "
+        f"{c['mean_recall_at_100']}, min {c['min_recall_at_100']} (matching items per set: "
+        f"median {c['matching_items_median']:,}).",
+        "",
+        "| at /s | retrieval k=200 | requests | p50 ms | p99 ms |",
+        "|---:|---|---:|---:|---:|",
+        *(
+            f"| {lat['rate']:g} | {kind} | {lat[kind]['requests']} | {lat[kind]['p50_ms']} | "
+            f"{lat[kind]['p99_ms']} |"
+            for kind in ("unfiltered", "filtered")
+        ),
+        "",
+        f"Filtered p99 / unfiltered p99 = {lat['p99_ratio']} (target <= "
+        f"{FILTERED_P99_RATIO:g}): **{'met' if met else 'not met'}**.",
+        "",
+    ]
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -624,6 +676,9 @@ def markdown(report: dict) -> str:
             f"workload), largest score difference {parity_result['max_score_diff']:.1e}.",
             "",
         ]
+    filtered = runs.get("service-1w", {}).get("filtered_retrieval")
+    if filtered:
+        out += markdown_filtered(filtered)
     out += ["## Sweeps", ""]
     if report.get("plot"):
         out += [f"![latency vs throughput]({report['plot']})", ""]
