@@ -12,6 +12,15 @@
     top_k: "Show top",
     candidate_ids: "Candidates",
   };
+  // Facets over the shown results: ticking values filters the next searches (POST /rank's
+  // filters: one-of per attribute, all attributes at once) until they are unticked.
+  const FACETS = [
+    ["gender", "Gender"],
+    ["articleType", "Type"],
+    ["baseColour", "Colour"],
+    ["usage", "Usage"],
+  ];
+  const activeFilters = new Map(); // attribute -> Set of ticked values
 
   const $ = (id) => document.getElementById(id);
   const form = $("search");
@@ -193,6 +202,53 @@
     if (!entries.length) list.append(el("li", "empty", "No products found."));
   }
 
+  function requestFilters() {
+    if (!activeFilters.size) return null;
+    return Object.fromEntries([...activeFilters].map(([name, values]) => [name, [...values]]));
+  }
+
+  function renderFacets(details) {
+    const box = $("facets");
+    box.replaceChildren();
+    for (const [name, label] of FACETS) {
+      const counts = new Map();
+      for (const detail of details.values()) {
+        const value = detail.attributes && detail.attributes[name];
+        if (value) counts.set(value, (counts.get(value) || 0) + 1);
+      }
+      for (const value of activeFilters.get(name) || []) {
+        if (!counts.has(value)) counts.set(value, 0); // ticked: stays offered to untick
+      }
+      if (!counts.size) continue;
+      const group = el("fieldset", "facet");
+      group.append(el("legend", null, label));
+      const ordered = [...counts].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
+      for (const [value, count] of ordered) {
+        const input = el("input");
+        input.type = "checkbox";
+        input.id = `facet-${name}-${value}`.replace(/[^A-Za-z0-9-]+/g, "-");
+        input.dataset.attribute = name;
+        input.value = value;
+        input.checked = Boolean(activeFilters.get(name)?.has(value));
+        input.addEventListener("change", () => {
+          const values = activeFilters.get(name) || new Set();
+          if (input.checked) values.add(value);
+          else values.delete(value);
+          if (values.size) activeFilters.set(name, values);
+          else activeFilters.delete(name);
+          search();
+        });
+        const text = el("label", null, `${value} (${count})`);
+        text.htmlFor = input.id;
+        const row = el("div", "facet-value");
+        row.append(input, text);
+        group.append(row);
+      }
+      box.append(group);
+    }
+    box.hidden = !box.childElementCount;
+  }
+
   function clearResults() {
     $("fused").hidden = true;
     $("text-side").hidden = true;
@@ -241,6 +297,8 @@
       if (candidates !== null) body.retrieve_k = candidates;
       if (topK !== null) body.top_k = topK;
     }
+    const filters = requestFilters();
+    if (filters) body.filters = filters;
     remember(query, candidates, topK, compare);
 
     const number = ++searchNumber;
@@ -271,11 +329,16 @@
       $("fused").hidden = false;
       $("text-side").hidden = !compare;
       $("legend").hidden = !fused.length;
+      renderFacets(new Map(fused.map((entry) => [entry.id, details.get(entry.id)])));
 
       const pool = body.retrieve_k ? `${body.retrieve_k} candidates` : "the default candidates";
       let status = `${fused.length} products for \u201c${query}\u201d from ${pool}, model ${
         answer.model_version
       }, ${elapsed} ms.`;
+      if (filters) {
+        const named = Object.entries(filters).map(([k, v]) => `${k} ${v.join(" or ")}`);
+        status += ` Only ${named.join(", ")}.`;
+      }
       if (answer.missing_ids.length) {
         status += ` ${answer.missing_ids.length} candidates have no stored features and were left out.`;
       }

@@ -174,3 +174,31 @@ def test_compare_orders_the_same_candidates_by_text_and_errors_are_shown(
     assert message.startswith("The service refused this search. Candidates:"), message
     assert "2000" in message
     assert page.locator("#fused-list .card").count() == 0
+
+
+def test_a_ticked_facet_filters_the_results(page, service_url: str, tmp_path: Path) -> None:
+    page.goto(f"{service_url}/?q=shoes&top=20")
+    cards = page.locator("#fused-list .card")
+    cards.first.wait_for(timeout=WAIT_MS)
+    facet = page.locator("#facets input[data-attribute='gender']").first
+    facet.wait_for(timeout=WAIT_MS)
+    gender = facet.get_attribute("value")
+    label = page.locator(f"label[for='{facet.get_attribute('id')}']").inner_text()
+    shown = int(label.rsplit("(", 1)[1].rstrip(")"))
+    assert 0 < shown <= 20  # a count over the shown results
+
+    with page.expect_response(f"{service_url}/rank", timeout=WAIT_MS) as answer:
+        facet.check()
+    assert answer.value.request.post_data_json["filters"] == {"gender": [gender]}
+    page.wait_for_function(
+        "g => [...document.querySelectorAll('#fused-list .card .attrs')]"
+        ".every(a => a.textContent.split(' \u00b7 ').includes(g))",
+        arg=gender,
+        timeout=WAIT_MS,
+    )
+    expected = rank(service_url, query="shoes", top_k=20, filters={"gender": [gender]})
+    ids = cards.evaluate_all("cs => cs.map(c => c.dataset.id)")
+    assert ids == [item["id"] for item in expected]
+    assert f"Only gender {gender}" in page.locator("#status").inner_text()
+    assert page.locator(f"#facets input[value='{gender}']").is_checked()
+    save(page, tmp_path / "search-page-filtered.png")
