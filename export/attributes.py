@@ -20,21 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.catalogue import Catalogue, Product
+from models.catalogue import ATTRIBUTE_FIELDS, Catalogue, Product
 
 ATTRIBUTES_DIR = "attributes"
 VOCAB_FILE = "vocab.json"
 YEAR_FILE = "year.npy"
-# API name -> the Product field holding it (the catalogue's column names are the API's).
-COLUMNS = {
-    "gender": "gender",
-    "masterCategory": "master_category",
-    "subCategory": "sub_category",
-    "articleType": "article_type",
-    "baseColour": "colour",
-    "season": "season",
-    "usage": "usage",
-}
+COLUMNS = ATTRIBUTE_FIELDS  # one column per attribute, by the API's name
 
 
 def write_attributes(catalogue: Catalogue, ids: list[str], version_dir: Path, log=print) -> Path:

@@ -35,19 +35,10 @@ from tokenizers import Tokenizer
 from loadtest.openloop import Target, poisson_offsets, request_bytes, run_open_loop, run_sync
 from loadtest.runner import post_json
 from loadtest.workload import Workload, default_catalogue
-from models.catalogue import Product, load_catalogue
+from models.catalogue import ATTRIBUTE_FIELDS, Product, load_catalogue
 from service.manifest import load_manifest, resolve_version_dir
 
-# The API's attribute -> the catalogue field holding it.
-FIELDS = {
-    "gender": "gender",
-    "masterCategory": "master_category",
-    "subCategory": "sub_category",
-    "articleType": "article_type",
-    "baseColour": "colour",
-    "season": "season",
-    "usage": "usage",
-}
+FIELDS = ATTRIBUTE_FIELDS
 
 
 def random_filters(products: list[Product], rng: random.Random) -> dict[str, object]:

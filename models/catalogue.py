@@ -37,6 +37,18 @@ REQUIRED_COLUMNS = (
 )
 
 
+# The catalogue's attribute columns (also the API's names for them) -> the Product field.
+ATTRIBUTE_FIELDS = {
+    "gender": "gender",
+    "masterCategory": "master_category",
+    "subCategory": "sub_category",
+    "articleType": "article_type",
+    "baseColour": "colour",
+    "season": "season",
+    "usage": "usage",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Product:
     id: str
