@@ -15,6 +15,7 @@ can catch the whole family with one clause and the service can map families to H
     │   ├── ExportParityError        offline: an exported graph disagrees with PyTorch
     │   └── ModelRejected            a reload refused a version (features it cannot read)
     ├── DeviceUnavailable            settings ask for CUDA but onnxruntime cannot use it
+    ├── RequestRejected              a request naming something that does not exist (422)
     ├── ServiceNotReady              the service is loading, failed to load, or shutting down
     ├── Overloaded                   too many requests in flight: refused at once (503)
     └── DeadlineExceeded             a request ran past request_timeout_s (503)
@@ -76,6 +77,15 @@ class ModelRejected(ArtifactError):
 
 class DeviceUnavailable(FusionRankError):
     """The settings ask for an execution device (CUDA) that onnxruntime cannot use here."""
+
+
+class RequestRejected(FusionRankError):
+    """A request that parsed but cannot be served as asked (e.g. like_id of an unknown item);
+    ``loc`` names the field, as a 422's detail does."""
+
+    def __init__(self, loc: list[str | int], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
 class ServiceNotReady(FusionRankError):

@@ -12,8 +12,13 @@ handlers, the plain ASGI ``POST /rank`` and the admin routes).
   wrong type, unreadable meta): retrying does not mend it, so balancers must not retry it
   (deploy/nginx.conf retries 503 only).
 
-Client mistakes never get here: an invalid body is a 422 and an oversized one a 413 before
-anything runs. Every answer is ``{"detail": reason}`` as JSON, never text/plain.
+- **422**: ``RequestRejected``, a request that parsed but names something that does not
+  exist (``like_id`` of an unknown item), answered like any invalid body: ``{"detail":
+  [{"loc": [...], "msg": ..., "type": "value_error"}]}``.
+
+Other client mistakes never get here: an invalid body is a 422 and an oversized one a 413
+before anything runs. Every other answer is ``{"detail": reason}``; all are JSON, never
+text/plain.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from service.errors import (
     FusionRankError,
     NoPublishedVersion,
     Overloaded,
+    RequestRejected,
     ServiceNotReady,
 )
 
@@ -48,6 +54,8 @@ REFUSED_RELOAD = (ArtifactError, DeviceUnavailable)
 
 
 def status_of(exc: BaseException) -> int:
+    if isinstance(exc, RequestRejected):
+        return 422
     if isinstance(exc, TRANSIENT):
         return 503
     if isinstance(exc, REFUSED_RELOAD):
@@ -60,6 +68,9 @@ def error_answer(
 ) -> tuple[int, bytes, list[tuple[str, str]]]:
     """(status, JSON body, extra headers) answering ``exc``; faults are logged here."""
     status = status_of(exc)
+    if isinstance(exc, RequestRejected):
+        error = {"loc": exc.loc, "msg": str(exc), "type": "value_error"}
+        return status, orjson.dumps({"detail": [error]}), []
     if isinstance(exc, FusionRankError):
         detail = str(exc)
     else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import ArtifactError, FeatureStoreError
+from service.errors import ArtifactError, FeatureStoreError, RequestRejected
 from service.executors import Pools
 from service.features import FeatureBatch, FeatureStore
 from service.manifest import Manifest, load_manifest, resolve_version_dir
@@ -33,7 +33,7 @@ from service.stages.feature_cache import CacheProbe
 from service.stages.feature_fetch import FeatureFetcher
 from service.stages.query_encoder import EncodedQuery, QueryEncoder
 from service.stages.retrieval import Retriever
-from service.stages.scoring import QUERY_DIMS, Scorer
+from service.stages.scoring import QUERY_DIMS, Scorer, Scores
 
 log = logging.getLogger(__name__)
 
@@ -177,32 +177,41 @@ class Pipeline:
         if request.candidate_ids == []:
             return render_ranking([], [], self.version, [], filtered_out=filtered_out)
         metrics = self._metrics
-        started = time.perf_counter()
-        encoded = self.encoder.lookup(request.query)
-        if encoded is None:
-            metrics.cache_misses.inc()
-        else:
-            metrics.cache_hits.inc()
-            metrics.observe_stage("encode", time.perf_counter() - started)
-
         compute, store = self._pools.compute, self._pools.store
+        query, like_id = request.query, request.like_id
+        like = None if like_id is None else await self._item_vector(like_id)
+        encoded = None
+        if query is not None:
+            started = time.perf_counter()
+            encoded = self.encoder.lookup(query)
+            if encoded is None:
+                metrics.cache_misses.inc()
+            else:
+                metrics.cache_hits.inc()
+                metrics.observe_stage("encode", time.perf_counter() - started)
+
+        # The filter's mask is made here, on the loop (its cache is not shared with threads).
+        allowed = None if request.filters is None else self.attributes.mask(request.filters)
         if request.candidate_ids is not None:
             ids = request.candidate_ids
+        elif like is not None:
+            similar = await compute.run(self._retrieve, like, request.retrieve_k + 1, allowed)
+            ids = [item for item in similar if item != like_id][: request.retrieve_k]
         else:
-            # The filter's mask is made here, on the loop (its cache is not shared with threads).
-            allowed = None if request.filters is None else self.attributes.mask(request.filters)
+            assert query is not None  # the request model requires a query or a like_id
             encoded, ids = await compute.run(
-                self._encode_and_retrieve, request.query, encoded, request.retrieve_k, allowed
+                self._encode_and_retrieve, query, encoded, request.retrieve_k, allowed
             )
         fetch_started = time.perf_counter()
         probe = self.fetcher.probe(ids)  # once per request, on the loop
+        needs_encoding = query is not None and encoded is None
         if probe is not None and probe.complete:  # no I/O left: stay on the loop
             batch = self._fetch(ids, probe, fetch_started)
-            if encoded is None:
-                encoded = await compute.run(self._encode, request.query)
-        elif encoded is None:
+            if needs_encoding:
+                encoded = await compute.run(self._encode, query)
+        elif needs_encoding:
             encoded, batch = await asyncio.gather(
-                compute.run(self._encode, request.query),
+                compute.run(self._encode, query),
                 store.run(self._fetch, ids, probe, fetch_started),
             )
         else:
@@ -210,8 +219,12 @@ class Pipeline:
 
         if batch.missing:
             metrics.missing_ids.inc(len(batch.missing))
-        with metrics.stage("score"):
-            scores = await self.batcher.score(encoded.embedding, batch.matrix)
+        if encoded is not None:
+            with metrics.stage("score"):
+                scores = await self.batcher.score(encoded.embedding, batch.matrix)
+        else:
+            assert like is not None
+            scores = _similarity(like, batch.matrix, self.fetcher.layout.text_dims)
 
         score = scores.score
         boost = None
@@ -263,6 +276,27 @@ class Pipeline:
         self._metrics.observe_stage("fetch", time.perf_counter() - started)
         return batch
 
+    async def _item_vector(self, item_id: str) -> np.ndarray:
+        """The stored feature vector of an indexed item (float32), for like_id."""
+        if self.attributes.rows([item_id])[0] < 0:
+            raise RequestRejected(
+                ["body", "like_id"], f"like_id {item_id!r}: no indexed item has this id"
+            )
+        probe = self.fetcher.probe([item_id])
+        if probe is not None and probe.complete:
+            batch = self.fetcher.fetch([item_id], probe)
+        else:
+            batch = await self._pools.store.run(self.fetcher.fetch, [item_id], probe)
+        if not len(batch.found):
+            raise RequestRejected(
+                ["body", "like_id"], f"like_id {item_id!r}: the item has no stored vectors"
+            )
+        return batch.matrix[0].astype(np.float32)
+
+    def _retrieve(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[str]:
+        with self._metrics.stage("retrieve"):
+            return self.retriever.search(vector, k, allowed)
+
     def _encode_and_retrieve(
         self, query: str, encoded: EncodedQuery | None, k: int, allowed: np.ndarray | None
     ) -> tuple[EncodedQuery, list[str]]:
@@ -279,6 +313,17 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
         best.sort()  # candidate order, so the stable sort below breaks ties by position
         return best[np.argsort(-scores[best], kind="stable")]
     return np.argsort(-scores, kind="stable")
+
+
+def _similarity(vector: np.ndarray, features: np.ndarray, text_dims: int) -> Scores:
+    """Cosine similarity of each row of ``features`` to ``vector`` (both item vectors: text
+    part, then image part), split exactly into what the text and the image parts add."""
+    rows = features.astype(np.float32)
+    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(vector)
+    norms[norms == 0] = 1.0
+    text = rows[:, :text_dims] @ vector[:text_dims] / norms
+    image = rows[:, text_dims:] @ vector[text_dims:] / norms
+    return Scores(text + image, text, image)
 
 
 def _diverse_top_k(

@@ -13,7 +13,15 @@ from functools import cache
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 API_MAX_QUERY_CHARS = 256
 API_MAX_CANDIDATES = 2000
@@ -123,9 +131,33 @@ class Diversity(BaseModel):
 class RankRequest(BaseModel):
     """Body of POST /rank. Strict: "10" is not an int, unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra={"anyOf": [{"required": ["query"]}, {"required": ["like_id"]}]},
+    )
 
-    query: Annotated[str, Field(min_length=1, max_length=API_MAX_QUERY_CHARS)]
+    like_id: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=128,
+            description="More like this indexed item: without candidate_ids, the index "
+            "retrieves the items nearest to this item's own vectors (the item itself left "
+            "out); without a query they are ranked by cosine similarity to it.",
+            examples=["1164"],
+        ),
+    ] = None
+    query: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=API_MAX_QUERY_CHARS,
+            description="What the shopper typed; may be left out when like_id is given.",
+            validate_default=True,
+        ),
+    ] = None
     candidate_ids: (
         Annotated[
             list[str],
@@ -167,6 +199,13 @@ class RankRequest(BaseModel):
         ),
     ] = None
 
+    @field_validator("query")
+    @classmethod
+    def _query_or_like_id(cls, query: str | None, info: ValidationInfo) -> str | None:
+        if query is None and info.data.get("like_id") is None:
+            raise PydanticCustomError("missing", "Field required (or give like_id)")
+        return query
+
     @field_validator("candidate_ids")
     @classmethod
     def _no_duplicates(cls, ids: list[str] | None) -> list[str] | None:
@@ -187,7 +226,10 @@ def rank_request_model(limits: RequestLimits) -> type[RankRequest]:
     class LimitedRankRequest(RankRequest):
         model_config = ConfigDict(title="RankRequest")
 
-        query: Annotated[str, Field(min_length=1, max_length=limits.max_query_chars)]
+        query: Annotated[
+            str | None,
+            Field(min_length=1, max_length=limits.max_query_chars, validate_default=True),
+        ] = None
         candidate_ids: Annotated[list[str], Field(max_length=limits.max_candidates)] | None = None
         top_k: Annotated[int, Field(ge=1, le=limits.max_top_k)] = limits.default_top_k
         retrieve_k: Annotated[int, Field(ge=1, le=limits.max_retrieve_k)] = (

@@ -57,6 +57,10 @@ class FeatureFetcher:
     def version(self) -> str:
         return self._version
 
+    @property
+    def layout(self) -> FeatureLayout:
+        return self._layout
+
     def probe(self, ids: Sequence[str]) -> CacheProbe | None:
         """Which of ``ids`` the cache holds (cheap: the event loop may call it); None when
         there is no cache."""

@@ -21,6 +21,7 @@
     ["usage", "Usage"],
   ];
   const activeFilters = new Map(); // attribute -> Set of ticked values
+  let likeOf = null; // {id, title}: "more like this" item, until the next typed search
 
   const $ = (id) => document.getElementById(id);
   const form = $("search");
@@ -185,6 +186,13 @@
       item.append(el("p", "attrs", known.join(" \u00b7 ")));
     }
     item.append(el("p", "score", `score ${entry.score.toFixed(3)}`));
+    const more = el("button", "more", "More like this");
+    more.type = "button";
+    more.addEventListener("click", () => {
+      likeOf = { id: entry.id, title };
+      search();
+    });
+    item.append(more);
     const p = parts(entry);
     if (p) {
       item.append(bar(p, scale));
@@ -268,8 +276,9 @@
   async function search(event) {
     if (event) event.preventDefault();
     errorBox.hidden = true;
+    if (event) likeOf = null; // a typed search leaves "more like this"
     const query = queryInput.value.trim();
-    if (!query) {
+    if (!query && !likeOf) {
       showError("Type what you are looking for first.");
       queryInput.focus();
       return;
@@ -288,7 +297,9 @@
     }
     const compare = compareInput.checked;
     const shown = topK ?? DEFAULT_TOP_K;
-    const body = { query, explain: true };
+    const body = { explain: true };
+    if (likeOf) body.like_id = likeOf.id;
+    else body.query = query;
     if (compare) {
       // The text-side ranking needs every candidate's text contribution: ask for all of them.
       body.retrieve_k = candidates ?? DEFAULT_CANDIDATES;
@@ -332,7 +343,8 @@
       renderFacets(new Map(fused.map((entry) => [entry.id, details.get(entry.id)])));
 
       const pool = body.retrieve_k ? `${body.retrieve_k} candidates` : "the default candidates";
-      let status = `${fused.length} products for \u201c${query}\u201d from ${pool}, model ${
+      const what = likeOf ? `like \u201c${likeOf.title}\u201d` : `for \u201c${query}\u201d`;
+      let status = `${fused.length} products ${what} from ${pool}, model ${
         answer.model_version
       }, ${elapsed} ms.`;
       if (filters) {

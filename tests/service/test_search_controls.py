@@ -176,3 +176,48 @@ async def test_a_malformed_control_is_a_422_naming_its_path(
     assert response.status_code == 422, response.text
     locations = [error["loc"][: len(path)] for error in response.json()["detail"]]
     assert path in locations, locations
+
+
+async def test_like_id_ranks_by_similarity_to_the_items_own_vectors(
+    client: httpx.AsyncClient, reference: Reference, products: dict[str, Product]
+) -> None:
+    item = reference.ids[10]
+    answer = await rank(client, like_id=item, retrieve_k=50, top_k=50, explain=True)
+    got = [entry["id"] for entry in answer["items"]]
+    assert item not in got and len(got) == 50
+
+    # The reference: the item's stored vector, retrieved by inner product over the index,
+    # ranked by cosine; text and image parts add up to the score.
+    features = reference.store.fetch(reference.ids).matrix.astype(np.float32)
+    vector = features[10]
+    by_dot = np.argsort(-(reference.index.reconstruct_n(0, len(reference.ids)) @ vector))
+    pool = [reference.ids[r] for r in by_dot[:51].tolist() if reference.ids[r] != item][:50]
+    assert set(got) == set(pool)
+    cosine = features @ vector / (np.linalg.norm(features, axis=1) * np.linalg.norm(vector))
+    row = {i: n for n, i in enumerate(reference.ids)}
+    for entry in answer["items"]:
+        assert entry["score"] == pytest.approx(float(cosine[row[entry["id"]]]), abs=1e-5)
+        assert entry["text_contribution"] + entry["image_contribution"] == pytest.approx(
+            entry["score"], abs=1e-5
+        )
+    scores = [entry["score"] for entry in answer["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+    # With a query, the ranker orders the similar items; filters still apply.
+    kind = products[item].article_type
+    ranked = await rank(
+        client, like_id=item, query="for men", retrieve_k=50, filters={"articleType": kind}
+    )
+    assert ranked["items"] and all(
+        products[e["id"]].article_type == kind and e["id"] != item for e in ranked["items"]
+    )
+
+
+async def test_like_id_of_an_unknown_item_is_a_422_naming_it(client: httpx.AsyncClient) -> None:
+    response = await client.post("/rank", json={"like_id": "no-such-item"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "like_id"]
+    assert "no-such-item" in response.json()["detail"][0]["msg"]
+    neither = await client.post("/rank", json={"top_k": 3})
+    assert neither.status_code == 422
+    assert neither.json()["detail"][0]["loc"] == ["body", "query"]

@@ -202,3 +202,26 @@ def test_a_ticked_facet_filters_the_results(page, service_url: str, tmp_path: Pa
     assert f"Only gender {gender}" in page.locator("#status").inner_text()
     assert page.locator(f"#facets input[value='{gender}']").is_checked()
     save(page, tmp_path / "search-page-filtered.png")
+
+
+def test_more_like_this_shows_the_items_nearest_to_a_card(
+    page, service_url: str, titles: dict[str, str]
+) -> None:
+    page.goto(f"{service_url}/?q=shoes")
+    cards = page.locator("#fused-list .card")
+    cards.first.wait_for(timeout=WAIT_MS)
+    chosen = cards.nth(2).get_attribute("data-id")
+    with page.expect_response(f"{service_url}/rank", timeout=WAIT_MS) as answer:
+        cards.nth(2).get_by_role("button", name="More like this").click()
+    assert answer.value.request.post_data_json["like_id"] == chosen
+    assert "query" not in answer.value.request.post_data_json
+    status = page.locator("#status")
+    page.wait_for_function(
+        "t => document.getElementById('status').textContent.includes(t)",
+        arg=f"like \u201c{titles[chosen]}\u201d",
+        timeout=WAIT_MS,
+    )
+    expected = rank(service_url, like_id=chosen)
+    ids = cards.evaluate_all("cs => cs.map(c => c.dataset.id)")
+    assert ids == [item["id"] for item in expected] and chosen not in ids
+    assert "products like" in status.inner_text()

@@ -163,10 +163,11 @@ async def test_openapi_documents_the_rank_bodies(app: FastAPI, unstarted_client:
     rank = schema["paths"]["/rank"]["post"]
     request = rank["requestBody"]["content"]["application/json"]["schema"]
     assert request["title"] == "RankRequest"
-    assert request["required"] == ["query"]
+    assert request["anyOf"] == [{"required": ["query"]}, {"required": ["like_id"]}]
     assert request["additionalProperties"] is False
     assert set(request["properties"]) == {
         "query",
+        "like_id",
         "candidate_ids",
         "top_k",
         "retrieve_k",
@@ -175,7 +176,9 @@ async def test_openapi_documents_the_rank_bodies(app: FastAPI, unstarted_client:
         "boosts",
         "diversity",
     }
-    assert request["properties"]["query"]["maxLength"] == 256
+    query = request["properties"]["query"]["anyOf"]
+    assert {"type": "null"} in query  # may be left out for like_id
+    assert next(b for b in query if b.get("type") == "string")["maxLength"] == 256
     # Nested bodies are components of the document, so their references resolve.
     components = schema["components"]["schemas"]
     assert {"Filters", "NotOneOf", "YearRange", "Boost", "Diversity"} <= set(components)
