@@ -83,9 +83,10 @@ class RequestRejected(FusionRankError):
     """A request that parsed but cannot be served as asked (e.g. like_id of an unknown item);
     ``loc`` names the field, as a 422's detail does."""
 
-    def __init__(self, loc: list[str | int], message: str) -> None:
+    def __init__(self, loc: list[str | int], message: str, status: int = 422) -> None:
         super().__init__(message)
         self.loc = loc
+        self.status = status  # 413 for a part over its size limit
 
 
 class ServiceNotReady(FusionRankError):

@@ -12,8 +12,9 @@ handlers, the plain ASGI ``POST /rank`` and the admin routes).
   wrong type, unreadable meta): retrying does not mend it, so balancers must not retry it
   (deploy/nginx.conf retries 503 only).
 
-- **422**: ``RequestRejected``, a request that parsed but names something that does not
-  exist (``like_id`` of an unknown item), answered like any invalid body: ``{"detail":
+- **422** (413 for a part over its size limit): ``RequestRejected``, a request that parsed
+  but cannot be served as asked (``like_id`` of an unknown item, an image that is not a usable
+  photo), answered like any invalid body: ``{"detail":
   [{"loc": [...], "msg": ..., "type": "value_error"}]}``.
 
 Other client mistakes never get here: an invalid body is a 422 and an oversized one a 413
@@ -55,7 +56,7 @@ REFUSED_RELOAD = (ArtifactError, DeviceUnavailable)
 
 def status_of(exc: BaseException) -> int:
     if isinstance(exc, RequestRejected):
-        return 422
+        return exc.status
     if isinstance(exc, TRANSIENT):
         return 503
     if isinstance(exc, REFUSED_RELOAD):

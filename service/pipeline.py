@@ -14,6 +14,8 @@ and both caches missing, encoding and fetching overlap.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from service.stages.attributes import ItemAttributes
 from service.stages.batcher import Batcher
 from service.stages.feature_cache import CacheProbe
 from service.stages.feature_fetch import FeatureFetcher
+from service.stages.photo_encoder import PhotoEncoder
 from service.stages.query_encoder import EncodedQuery, QueryEncoder
 from service.stages.retrieval import Retriever
 from service.stages.scoring import QUERY_DIMS, Scorer, Scores
@@ -49,6 +52,7 @@ class _Stages:
     retriever: Retriever
     scorer: Scorer
     attributes: ItemAttributes
+    photo: PhotoEncoder
 
 
 class Pipeline:
@@ -60,9 +64,11 @@ class Pipeline:
         fetcher: FeatureFetcher,
         scorer: Scorer,
         attributes: ItemAttributes,
+        photo: PhotoEncoder,
         batcher: Batcher,
         metrics: ServiceMetrics,
         pools: Pools,
+        max_image_bytes: int,
     ) -> None:
         self.manifest = manifest
         self.encoder = encoder
@@ -70,9 +76,11 @@ class Pipeline:
         self.fetcher = fetcher
         self.scorer = scorer
         self.attributes = attributes
+        self.photo = photo
         self.batcher = batcher
         self._metrics = metrics
         self._pools = pools
+        self._max_image_bytes = max_image_bytes
 
     @property
     def version(self) -> str:
@@ -113,9 +121,11 @@ class Pipeline:
             fetcher,
             scorer,
             stages.attributes,
+            stages.photo,
             batcher,
             metrics,
             pools,
+            settings.max_image_bytes,
         )
         try:
             await pipeline._warm_up()
@@ -135,6 +145,7 @@ class Pipeline:
                 f"dims, the index has {self.retriever.dims}"
             )
         await self._pools.compute.run(self.retriever.search, encoded.retrieval_vector, 1)
+        await self._pools.compute.run(self.photo.encode, _warm_up_photo())
         await self._warm_feature_cache()
         log.info(
             "model %s (%s, %s) warmed on %s in %.2f s (buckets %s)",
@@ -180,6 +191,10 @@ class Pipeline:
         compute, store = self._pools.compute, self._pools.store
         query, like_id = request.query, request.like_id
         like = None if like_id is None else await self._item_vector(like_id)
+        if request.image is not None:
+            photo = self._photo_bytes(request.image)
+            with metrics.stage("encode"):
+                like = await compute.run(self.photo.encode, photo)
         encoded = None
         if query is not None:
             started = time.perf_counter()
@@ -224,7 +239,8 @@ class Pipeline:
                 scores = await self.batcher.score(encoded.embedding, batch.matrix)
         else:
             assert like is not None
-            scores = _similarity(like, batch.matrix, self.fetcher.layout.text_dims)
+            image_only = request.image is not None
+            scores = _similarity(like, batch.matrix, self.fetcher.layout.text_dims, image_only)
 
         score = scores.score
         boost = None
@@ -293,6 +309,24 @@ class Pipeline:
             )
         return batch.matrix[0].astype(np.float32)
 
+    def _photo_bytes(self, image: str) -> bytes:
+        """The photo of a request's base64 ``image``; a 413 past max_image_bytes, checked
+        before anything is decoded."""
+        limit = self._max_image_bytes
+        if len(image) * 3 // 4 > limit + 2:
+            raise RequestRejected(
+                ["body", "image"], f"image: over {limit:,} bytes (max_image_bytes)", status=413
+            )
+        try:
+            data = base64.b64decode(image, validate=True)
+        except ValueError:  # binascii.Error, or characters outside ASCII
+            raise RequestRejected(["body", "image"], "image: not base64") from None
+        if len(data) > limit:
+            raise RequestRejected(
+                ["body", "image"], f"image: over {limit:,} bytes (max_image_bytes)", status=413
+            )
+        return data
+
     def _retrieve(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[str]:
         with self._metrics.stage("retrieve"):
             return self.retriever.search(vector, k, allowed)
@@ -315,12 +349,29 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def _similarity(vector: np.ndarray, features: np.ndarray, text_dims: int) -> Scores:
+def _warm_up_photo() -> bytes:
+    """A small white PNG: the first photo query must not pay for the graphs' first run."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (60, 80), (255, 255, 255)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _similarity(
+    vector: np.ndarray, features: np.ndarray, text_dims: int, image_only: bool = False
+) -> Scores:
     """Cosine similarity of each row of ``features`` to ``vector`` (both item vectors: text
-    part, then image part), split exactly into what the text and the image parts add."""
+    part, then image part), split exactly into what the text and the image parts add; with
+    ``image_only`` (a photo query, which has no text part) the cosine of the image parts."""
     rows = features.astype(np.float32)
+    if image_only:
+        rows, vector = rows[:, text_dims:], vector[text_dims:]
     norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(vector)
     norms[norms == 0] = 1.0
+    if image_only:
+        image = rows @ vector / norms
+        return Scores(image, np.zeros_like(image), image)
     text = rows[:, :text_dims] @ vector[:text_dims] / norms
     image = rows[:, text_dims:] @ vector[text_dims:] / norms
     return Scores(text + image, text, image)
@@ -372,9 +423,10 @@ def _load_stages(settings: Settings) -> _Stages:
         **common,
     )
     attributes = ItemAttributes.load(version_dir, retriever.ids)
+    photo = PhotoEncoder.load(version_dir, manifest, **common)
     if retriever.dims != manifest.layout.dims:
         raise ArtifactError(
             f"{version_dir}: the index has {retriever.dims} dims, the feature layout "
             f"{manifest.layout.dims}"
         )
-    return _Stages(manifest, encoder, retriever, scorer, attributes)
+    return _Stages(manifest, encoder, retriever, scorer, attributes, photo)

@@ -135,9 +135,21 @@ class RankRequest(BaseModel):
         extra="forbid",
         strict=True,
         frozen=True,
-        json_schema_extra={"anyOf": [{"required": ["query"]}, {"required": ["like_id"]}]},
+        json_schema_extra={
+            "anyOf": [{"required": ["query"]}, {"required": ["like_id"]}, {"required": ["image"]}]
+        },
     )
 
+    image: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            description="Search by photo: a JPEG or PNG, base64-encoded (at most "
+            "max_image_bytes once decoded). Without candidate_ids the index retrieves the "
+            "items whose photos are nearest; without a query they are ranked by the cosine of "
+            "their image vectors to the photo's.",
+        ),
+    ] = None
     like_id: Annotated[
         str | None,
         Field(
@@ -202,9 +214,16 @@ class RankRequest(BaseModel):
     @field_validator("query")
     @classmethod
     def _query_or_like_id(cls, query: str | None, info: ValidationInfo) -> str | None:
-        if query is None and info.data.get("like_id") is None:
-            raise PydanticCustomError("missing", "Field required (or give like_id)")
+        if query is None and info.data.get("like_id") is None and info.data.get("image") is None:
+            raise PydanticCustomError("missing", "Field required (or give like_id or image)")
         return query
+
+    @field_validator("like_id")
+    @classmethod
+    def _like_id_or_image(cls, like_id: str | None, info: ValidationInfo) -> str | None:
+        if like_id is not None and info.data.get("image") is not None:
+            raise ValueError("give like_id or image, not both")
+        return like_id
 
     @field_validator("candidate_ids")
     @classmethod

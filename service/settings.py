@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     default_retrieve_k: int = Field(200, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     """Larger request bodies are refused with 413 before they are read whole."""
+    max_image_bytes: int = Field(512 * 1024, ge=1024, le=64 << 20)
+    """Largest photo of a search by photo (decoded); a larger one is a 413 before decoding."""
 
     # -- faults and overload -------------------------------------------------------------
     request_timeout_s: float = Field(1.0, gt=0, le=60)

@@ -11,6 +11,8 @@
     retrieve_k: "Candidates",
     top_k: "Show top",
     candidate_ids: "Candidates",
+    image: "Photo",
+    like_id: "More like this",
   };
   // Facets over the shown results: ticking values filters the next searches (POST /rank's
   // filters: one-of per attribute, all attributes at once) until they are unticked.
@@ -22,6 +24,7 @@
   ];
   const activeFilters = new Map(); // attribute -> Set of ticked values
   let likeOf = null; // {id, title}: "more like this" item, until the next typed search
+  let photo = null; // {name, base64}: search by photo, until the next typed search
 
   const $ = (id) => document.getElementById(id);
   const form = $("search");
@@ -186,13 +189,6 @@
       item.append(el("p", "attrs", known.join(" \u00b7 ")));
     }
     item.append(el("p", "score", `score ${entry.score.toFixed(3)}`));
-    const more = el("button", "more", "More like this");
-    more.type = "button";
-    more.addEventListener("click", () => {
-      likeOf = { id: entry.id, title };
-      search();
-    });
-    item.append(more);
     const p = parts(entry);
     if (p) {
       item.append(bar(p, scale));
@@ -200,6 +196,14 @@
         el("p", "parts", `text ${signed(p.text)} \u00b7 image ${signed(p.image)} \u00b7 joint ${signed(p.joint)}`),
       );
     }
+    const more = el("button", "more", "More like this");
+    more.type = "button";
+    more.addEventListener("click", () => {
+      likeOf = { id: entry.id, title };
+      photo = null;
+      search();
+    });
+    item.append(more);
     return item;
   }
 
@@ -276,9 +280,12 @@
   async function search(event) {
     if (event) event.preventDefault();
     errorBox.hidden = true;
-    if (event) likeOf = null; // a typed search leaves "more like this"
+    if (event) {
+      likeOf = null; // a typed search leaves "more like this" and the photo
+      photo = null;
+    }
     const query = queryInput.value.trim();
-    if (!query && !likeOf) {
+    if (!query && !likeOf && !photo) {
       showError("Type what you are looking for first.");
       queryInput.focus();
       return;
@@ -299,6 +306,7 @@
     const shown = topK ?? DEFAULT_TOP_K;
     const body = { explain: true };
     if (likeOf) body.like_id = likeOf.id;
+    else if (photo) body.image = photo.base64;
     else body.query = query;
     if (compare) {
       // The text-side ranking needs every candidate's text contribution: ask for all of them.
@@ -343,7 +351,11 @@
       renderFacets(new Map(fused.map((entry) => [entry.id, details.get(entry.id)])));
 
       const pool = body.retrieve_k ? `${body.retrieve_k} candidates` : "the default candidates";
-      const what = likeOf ? `like \u201c${likeOf.title}\u201d` : `for \u201c${query}\u201d`;
+      const what = likeOf
+        ? `like \u201c${likeOf.title}\u201d`
+        : photo
+          ? `like your photo ${photo.name}`
+          : `for \u201c${query}\u201d`;
       let status = `${fused.length} products ${what} from ${pool}, model ${
         answer.model_version
       }, ${elapsed} ms.`;
@@ -370,6 +382,26 @@
   }
 
   form.addEventListener("submit", search);
+
+  function searchByPhoto(file) {
+    if (!file) return;
+    const reader = new FileReader();
+    reader.addEventListener("load", () => {
+      likeOf = null;
+      photo = { name: file.name, base64: String(reader.result).split(",", 2)[1] || "" };
+      search();
+    });
+    reader.addEventListener("error", () => showError(`Could not read ${file.name}.`));
+    reader.readAsDataURL(file);
+  }
+  const photoInput = $("photo");
+  photoInput.addEventListener("change", () => searchByPhoto(photoInput.files[0]));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => event.preventDefault());
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    searchByPhoto(event.dataTransfer.files[0]);
+  });
 
   const params = new URLSearchParams(location.search);
   if (params.get("q")) {

@@ -5,6 +5,11 @@ exact brute-force search over the index's own vectors with the exported query en
 
 from __future__ import annotations
 
+import base64
+import io
+import struct
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -14,8 +19,9 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from PIL import Image
 
-from models.catalogue import Product, load_catalogue
+from models.catalogue import Product, images_path, load_catalogue
 from service.app import create_app
 from service.settings import Settings
 from tests.service.test_rank_api import Reference
@@ -221,3 +227,76 @@ async def test_like_id_of_an_unknown_item_is_a_422_naming_it(client: httpx.Async
     neither = await client.post("/rank", json={"top_k": 3})
     assert neither.status_code == 422
     assert neither.json()["detail"][0]["loc"] == ["body", "query"]
+
+
+def photo_of(item_id: str) -> str:
+    """A catalogue photo (60x80 JPEG) as a request's base64 image."""
+    with zipfile.ZipFile(images_path(SAMPLE)) as archive:
+        return base64.b64encode(archive.read(f"{item_id}.jpg")).decode()
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+async def test_a_products_own_photo_finds_that_product_first(
+    client: httpx.AsyncClient, reference: Reference
+) -> None:
+    hits = 0
+    items = reference.ids[::300][:8]
+    for item in items:
+        answer = await rank(client, image=photo_of(item), retrieve_k=50, top_k=5, explain=True)
+        entries = answer["items"]
+        assert all(e["text_contribution"] == 0 for e in entries)  # a photo has no text part
+        assert entries[0]["score"] == pytest.approx(entries[0]["image_contribution"])
+        hits += item in [e["id"] for e in entries[:1]]
+    assert hits >= len(items) - 1, hits  # duplicate photos may tie with the product
+
+    # A query and filters combine with the photo: the photo retrieves, the model ranks.
+    with_text = await rank(
+        client, image=photo_of(items[0]), query="for women", filters={"gender": "Women"}
+    )
+    assert with_text["items"]
+
+
+@pytest.mark.parametrize(
+    ("image", "status", "words"),
+    [
+        (base64.b64encode(b"this is not an image at all").decode(), 422, "not a readable"),
+        ("%%% not base64 %%%", 422, "not base64"),
+        ("\u00bf\u0091", 422, "not base64"),  # found by schemathesis: a 500 once
+        ("truncated", 422, "damaged"),
+        (base64.b64encode(encoded(Image.new("RGB", (1, 1)))).decode(), 422, "at least 16"),
+        ("bomb", 422, "not a readable"),
+        ("large", 413, "max_image_bytes"),
+    ],
+    ids=[
+        "not-an-image",
+        "not-base64",
+        "not-ascii",
+        "truncated",
+        "1x1",
+        "20000x20000-png",
+        "over-limit",
+    ],
+)
+async def test_a_bad_photo_is_a_4xx_naming_image_and_the_worker_stays_up(
+    client: httpx.AsyncClient, reference: Reference, image: str, status: int, words: str
+) -> None:
+    if image == "truncated":
+        image = base64.b64encode(base64.b64decode(photo_of(reference.ids[0]))[:600]).decode()
+    elif image == "bomb":  # a valid PNG header claiming 20000 x 20000 pixels, then nothing
+        header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+        chunk = b"IHDR" + header
+        png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk
+        png += struct.pack(">I", zlib.crc32(chunk)) + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+        image = base64.b64encode(png).decode()
+    elif image == "large":
+        image = base64.b64encode(b"\xff" * (600 * 1024)).decode()  # over 512 KiB decoded
+    response = await client.post("/rank", json={"image": image})
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert detail[0]["loc"] == ["body", "image"] and words in detail[0]["msg"], detail
+    assert (await rank(client, query="red shirt"))["items"]  # the worker still serves

@@ -225,3 +225,31 @@ def test_more_like_this_shows_the_items_nearest_to_a_card(
     ids = cards.evaluate_all("cs => cs.map(c => c.dataset.id)")
     assert ids == [item["id"] for item in expected] and chosen not in ids
     assert "products like" in status.inner_text()
+
+
+def test_a_photo_upload_searches_by_photo_and_a_bad_file_is_explained(
+    page, service_url: str, tmp_path: Path
+) -> None:
+    page.goto(service_url)
+    item = rank(service_url, query=QUERY)[0]["id"]
+    photo = tmp_path / f"{item}.jpg"
+    photo.write_bytes(catalogue_photo(item))
+    with page.expect_response(f"{service_url}/rank", timeout=WAIT_MS) as answer:
+        page.get_by_label("Find by photo").set_input_files(str(photo))
+    assert "image" in answer.value.request.post_data_json
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.includes('like your photo')",
+        timeout=WAIT_MS,
+    )
+    cards = page.locator("#fused-list .card")
+    assert cards.first.get_attribute("data-id") == item  # its own photo finds it first
+    save(page, tmp_path / "search-page-photo.png")
+
+    not_a_photo = tmp_path / "notes.png"
+    not_a_photo.write_bytes(b"this is not a picture")
+    page.get_by_label("Find by photo").set_input_files(str(not_a_photo))
+    alert = page.get_by_role("alert")
+    alert.wait_for(timeout=WAIT_MS)
+    message = alert.inner_text()
+    assert message.startswith("The service refused this search. Photo:"), message
+    assert "JPEG or PNG" in message

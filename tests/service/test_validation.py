@@ -163,10 +163,15 @@ async def test_openapi_documents_the_rank_bodies(app: FastAPI, unstarted_client:
     rank = schema["paths"]["/rank"]["post"]
     request = rank["requestBody"]["content"]["application/json"]["schema"]
     assert request["title"] == "RankRequest"
-    assert request["anyOf"] == [{"required": ["query"]}, {"required": ["like_id"]}]
+    assert request["anyOf"] == [
+        {"required": ["query"]},
+        {"required": ["like_id"]},
+        {"required": ["image"]},
+    ]
     assert request["additionalProperties"] is False
     assert set(request["properties"]) == {
         "query",
+        "image",
         "like_id",
         "candidate_ids",
         "top_k",
