@@ -74,12 +74,17 @@ def test_eval_then_export_uses_the_evaluated_default(
             for metric in METRICS:
                 value = rows[method][metric]
                 assert math.isfinite(value) and 0.0 <= value <= 1.0, (split, method, metric)
+    photo = report["photo_queries"]  # search by photo, and its raw-feature baseline
+    assert photo["queries"] == min(500, data["test_products"]) and photo["candidates_per_query"]
+    for ranking in ("model_image_vectors", "raw_efficientnet"):
+        assert all(0.0 <= photo[ranking][m] <= 1.0 for m in METRICS), ranking
     heldout = report["splits"]["heldout"]
     assert heldout[default]["ndcg@10"] == max(heldout[s]["ndcg@10"] for s in STRATEGIES)
 
     markdown = (evaluated / "eval" / "report.md").read_text()
     assert f"Default strategy: **{default}**" in markdown
     assert f"| {default} (default) |" in markdown
+    assert "## Search by photo" in markdown and "raw EfficientNet-Lite0 features" in markdown
     assert (evaluated / "eval" / "item_representations.png").stat().st_size > 0
 
     checkpoints = evaluated / "checkpoints" / data["catalogue_fingerprint"]
