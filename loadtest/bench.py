@@ -9,7 +9,8 @@
    /readyz, sweeps open-loop rates for 1,000 given candidates, 100 given candidates and the
    retrieval path (retrieve_k 200), reading the service's per-stage timings from /metrics,
    then checks filtered retrieval (loadtest.filtered: 200 random filter sets against the
-   catalogue and an exact search, and retrieval at 50 req/s without and with filters);
+   catalogue and an exact search, and retrieval at 50 req/s without and with filters) and
+   search by photo at 20 req/s (loadtest.photo);
 3. starts the naive server (loadtest/naive_server.py: same graphs, one onnxruntime run per
    request, one Redis GET per item, no batcher, no cache), checks that both answer the same
    top 10 on a few queries, and sweeps it on the same workload;
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import redis
 
-from loadtest import filtered
+from loadtest import filtered, photo
 from loadtest.openloop import Target, print_progress
 from loadtest.runner import get, post_json, prime, scrape, service_stages, sweep
 from loadtest.workload import REPO, Workload, default_query_files
@@ -421,6 +422,13 @@ def main(argv: list[str] | None = None) -> None:
                 runs["service-1w"]["filtered_retrieval"] = filtered_retrieval(
                     service.target, workload, args
                 )
+                runs["service-1w"]["photo_queries"] = photo.photo_load(
+                    service.target,
+                    photo.photo_bodies(args.data, photo.PHOTOS, args.seed),
+                    photo.DEFAULT_RATE,
+                    args.step_seconds,
+                    args.seed,
+                )
                 naive = Server(
                     "naive (1 worker)",
                     "loadtest.naive_server",
@@ -679,6 +687,18 @@ def markdown(report: dict) -> str:
     filtered = runs.get("service-1w", {}).get("filtered_retrieval")
     if filtered:
         out += markdown_filtered(filtered)
+    photos = runs.get("service-1w", {}).get("photo_queries")
+    if photos:
+        lat = photos["latency_ms"]
+        out += [
+            "## Search by photo (`python -m loadtest.photo`, 1 worker)",
+            "",
+            f"A random product's own photo as the query, no text, at {photos['rate']:g} req/s "
+            f"for {photos['duration_s']:g} s: {photos['requests']} requests, errors "
+            f"{photos['errors'] or 0}, p50 {lat['p50']} ms, p99 {lat['p99']} ms; the product "
+            f"itself first in {photos['own_product_first']} checks.",
+            "",
+        ]
     out += ["## Sweeps", ""]
     if report.get("plot"):
         out += [f"![latency vs throughput]({report['plot']})", ""]
