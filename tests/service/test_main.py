@@ -59,12 +59,21 @@ def test_two_workers_share_their_metrics(sample_artifacts: Path, tmp_path: Path)
                     break
                 time.sleep(0.2)
             assert response.status_code == 200
-        text = client.get("/metrics").text
-    counted = sum(
+        # A worker counts a request once its answer is sent, so the last count may land just
+        # after the client has its answer: read until all 12 show (or 10 s pass).
+        deadline = time.monotonic() + 10
+        while (counted := rank_answers(client.get("/metrics").text)) < 12:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert counted == 12  # whichever worker answered /metrics
+
+
+def rank_answers(metrics: str) -> float:
+    return sum(
         sample.value
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(metrics)
         for sample in family.samples
         if sample.name == "fusionrank_http_requests_total"
         and sample.labels == {"route": "/rank", "method": "POST", "status": "200"}
     )
-    assert counted == 12  # whichever worker answered /metrics
