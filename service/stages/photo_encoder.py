@@ -75,7 +75,10 @@ class PhotoEncoder:
 
 def photo_pixels(data: bytes) -> np.ndarray:
     """(3, IMAGE_SIZE, IMAGE_SIZE) float32 of a JPEG/PNG, as the export encoded item photos:
-    padded to a white square, resized, (x - 127) / 128. RequestRejected when unusable."""
+    padded to a white square, resized, (x - 127) / 128. RequestRejected when unusable.
+
+    A copy of models.encoders.image_to_pixels (the online path never imports models/, which
+    needs torch); tests/service/test_photo_encoder.py holds the two to identical output."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
