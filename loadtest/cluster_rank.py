@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 
 from service.app import create_app
+from service.errors import FeatureVersionMissing
 from service.features import FeatureStore, RedisClusterFeatureStore, RedisFeatureStore
 from service.manifest import load_manifest, resolve_version_dir
 from service.settings import Settings
@@ -48,8 +49,11 @@ async def main_async(args: argparse.Namespace) -> dict:
     cluster = RedisClusterFeatureStore.from_url(
         args.cluster_url, prefix=f"{args.redis_prefix}-bench"
     )
-    if cluster.current_version() != manifest.features_version:
-        batch = single.fetch(ids)
+    features = manifest.features_version  # the model's own version, whatever is newest
+    try:
+        cluster.layout(features)
+    except FeatureVersionMissing:
+        batch = single.fetch(ids, features)
         assert not batch.missing, f"{len(batch.missing)} ids missing from {args.redis_url}"
         report = cluster.publish(ids, batch.matrix, batch.layout, batch.version)
         print(f"published {report.items} items to the cluster in {report.seconds:.1f}s")
@@ -94,7 +98,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         for body in bodies:
             for name, store in stores.items():
                 started = time.perf_counter()
-                store.fetch(body["candidate_ids"])
+                store.fetch(body["candidate_ids"], features)
                 fetch_times[name].append(time.perf_counter() - started)
         for client in clients.values():
             await client.aclose()

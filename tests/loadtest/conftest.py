@@ -4,6 +4,15 @@ import socket
 
 import pytest
 
+# The service suite's real-Redis fixtures, for the commands that need stores (cluster_rank).
+from tests.service.conftest import (  # noqa: F401
+    redis_cluster_ports,
+    redis_cluster_url,
+    redis_url,
+    sample_redis_store,
+    sample_version_dir,
+)
+
 
 @pytest.fixture
 def closed_port() -> int:
