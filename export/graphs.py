@@ -19,6 +19,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
 from models.encoders import IMAGE_DIMS, IMAGE_SIZE, TEXT_DIMS, ImageEncoder, TextEncoder
+from models.photo_head import PhotoHead
 from models.ranker import FusedRanker, ItemEncoderHead, OnlineScorer
 from service.errors import ExportParityError
 from service.manifest import GraphSpec, TensorSpec
@@ -77,7 +78,9 @@ def _spec(name: str, dtype: str, *shape: int | str) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=list(shape))
 
 
-def graph_defs(ranker: FusedRanker, text: TextEncoder, image: ImageEncoder) -> list[GraphDef]:
+def graph_defs(
+    ranker: FusedRanker, text: TextEncoder, image: ImageEncoder, photo: PhotoHead
+) -> list[GraphDef]:
     f = ranker.config.text_dims + ranker.config.image_dims
     scorer_io = (
         [
@@ -132,6 +135,13 @@ def graph_defs(ranker: FusedRanker, text: TextEncoder, image: ImageEncoder) -> l
                 _spec("image_embedding", "float32", "batch", IMAGE_DIMS),
             ],
             [_spec("item_features", "float32", "batch", f)],
+            FP32_TOLERANCE,
+        ),
+        GraphDef(
+            "photo_head",
+            photo,
+            [_spec("image_embedding", "float32", "batch", IMAGE_DIMS)],
+            [_spec("photo_vector", "float32", "batch", photo.config.photo_dims)],
             FP32_TOLERANCE,
         ),
     ]

@@ -10,9 +10,12 @@
 3. Item features (float16) are computed for the whole catalogue and published to the feature
    store (Redis when a URL is given, else the embedded store in `<out>/features`). The store's
    version is a hash of the features, and publishing an unchanged version is a no-op.
-4. The indexed items' attributes are written beside the index (export.attributes), for the
+4. The photo head (models.photo_head) is taken from the same checkpoints directory, or trained
+   now on the train split; it is exported beside the ranker, and the items' photo vectors are
+   indexed in `photo_index.faiss` (search by photo). Its weights are part of the version hash.
+5. The indexed items' attributes are written beside the index (export.attributes), for the
    service's filters, boosts and diversity.
-5. `<out>/models/CURRENT` names the version to serve.
+6. `<out>/models/CURRENT` names the version to serve.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from export.attributes import write_attributes
 from export.graphs import OPSET, export_all, graph_defs
-from export.index import build_index
+from export.index import build_index, build_photo_index
 from export.items import write_items
 from models.catalogue import Catalogue
 from models.embeddings import ItemEmbeddings, encode_texts, item_embeddings
@@ -43,12 +46,15 @@ from models.encoders import (
     tokenize,
 )
 from models.evaluate import (
+    PHOTO_HEAD_FILE,
     checkpoint_dir,
     load_checkpoint,
     prepare,
     save_checkpoint,
     train_method,
+    train_photo_model,
 )
+from models.photo_head import PhotoHead, load_photo_head, photo_vectors, save_photo_head
 from models.queries import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, QueryGenerator
 from models.ranker import FusedRanker
 from service.features import (
@@ -61,8 +67,8 @@ from service.features import (
 from service.manifest import CURRENT_FILE, Manifest, write_manifest
 
 # 2: query share of the first layers computed once per query; 3: int8 query encoder beside
-# the float32 one
-EXPORT_FORMAT = 3
+# the float32 one; 4: the photo head and the photo index
+EXPORT_FORMAT = 4
 
 
 @dataclass
@@ -101,12 +107,25 @@ def _checkpoint(
     return path, model, payload
 
 
-def model_version(model: FusedRanker, catalogue: Catalogue) -> str:
+def _photo_head(out: Path, catalogue: Catalogue, embeddings: ItemEmbeddings, log) -> PhotoHead:
+    path = checkpoint_dir(out, catalogue.fingerprint) / PHOTO_HEAD_FILE
+    if path.is_file():
+        log(f"using photo head {path}")
+        return load_photo_head(path)[0]
+    log(f"no photo head {path}: training it now (train split)")
+    model, facts = train_photo_model(catalogue.products, embeddings)
+    save_photo_head(path, model, {"training": facts}, catalogue.fingerprint)
+    return load_photo_head(path)[0]
+
+
+def model_version(model: FusedRanker, photo: PhotoHead, catalogue: Catalogue) -> str:
     digest = hashlib.sha256(f"{EXPORT_FORMAT}|{catalogue.fingerprint}|".encode())
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().numpy().tobytes())
+    weights = [("ranker", model.state_dict()), ("photo_head", photo.state_dict())]
+    for prefix, state in weights:
+        for name, tensor in sorted(state.items()):
+            digest.update(f"{prefix}.{name}".encode())
+            digest.update(tensor.detach().cpu().numpy().tobytes())
     return f"{model.config.strategy}-{digest.hexdigest()[:12]}"
 
 
@@ -177,11 +196,15 @@ class ParityInputs:
                 {"text_embedding": text[:2], "image_embedding": image[:2]},
                 {"text_embedding": text, "image_embedding": image},
             )
+        if name == "photo_head":
+            image = self.embeddings.image[rows]
+            return {"image_embedding": image[:2]}, {"image_embedding": image}
         raise KeyError(name)
 
 
 def _export_version(
     model: FusedRanker,
+    photo: PhotoHead,
     checkpoint: Path,
     payload: dict,
     catalogue: Catalogue,
@@ -202,7 +225,7 @@ def _export_version(
     inputs = ParityInputs(catalogue, embeddings, features, queries, text_encoder)
     log(f"exporting {version} to ONNX (opset {OPSET}) with parity checks:")
     graphs = export_all(
-        graph_defs(model, text_encoder, image_encoder), inputs.for_graph, tmp, log=log
+        graph_defs(model, text_encoder, image_encoder, photo), inputs.for_graph, tmp, log=log
     )
     shutil.copy(Path(text_model_path()) / "tokenizer.json", tmp / "tokenizer.json")
 
@@ -217,6 +240,8 @@ def _export_version(
         f"  index {built.spec.factory}: {built.spec.items} items, recall@100 vs exact "
         f"{built.spec.recall_at_100:.4f}, built in {built.spec.build_seconds:.2f}s"
     )
+    photo_index = build_photo_index(photo_vectors(photo, embeddings.image), tmp)
+    log(f"  photo index: {photo_index.items} items, {photo_index.dims} dims (exact)")
     layout = FeatureLayout(model.config.text_dims, model.config.image_dims, "float16")
     manifest = Manifest(
         version=version,
@@ -231,6 +256,7 @@ def _export_version(
         max_tokens=MAX_TEXT_TOKENS,
         graphs=graphs,
         index=built.spec,
+        photo_index=photo_index,
         metrics=payload.get("metrics", {}),
     )
     write_manifest(tmp, manifest)
@@ -257,7 +283,8 @@ def run(
     catalogue = load_catalogue(data)
     embeddings = item_embeddings(catalogue, out / "cache")
     checkpoint, model, payload = _checkpoint(out, catalogue, strategy, log)
-    version = model_version(model, catalogue)
+    photo = _photo_head(out, catalogue, embeddings, log)
+    version = model_version(model, photo, catalogue)
     features = item_features(model, embeddings)
     feature_version = features_version(embeddings.ids, features)
     target = out / "models" / version
@@ -268,6 +295,7 @@ def run(
     else:
         manifest = _export_version(
             model,
+            photo,
             checkpoint,
             payload,
             catalogue,

@@ -1,7 +1,9 @@
 """Search by photo, evaluated the way the service answers it: a held-out product's own photo
 is the query; every other held-out product is a candidate, except those sharing its photo
 (the query's duplicate-photo group, itself included); candidates are ranked by the cosine of
-their image vectors to the photo's (the service's scoring of a photo without text).
+their photo-head vectors to the photo's (models.photo_head: how the service retrieves and ranks
+a photo without text). The fused ranker's own image vectors are ranked the same way, for
+comparison.
 
 Grades come from the catalogue's attributes (there are no logged queries for this catalogue):
 3 = same articleType and baseColour, 2 = same articleType, 0 otherwise. The baseline ranks the
@@ -16,6 +18,7 @@ import torch
 from models.catalogue import Product
 from models.embeddings import ItemEmbeddings
 from models.metrics import evaluate_lists
+from models.photo_head import PhotoHead, photo_vectors
 from models.ranker import FusedRanker
 
 PHOTO_QUERIES = 500
@@ -28,6 +31,7 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 
 def photo_query_metrics(
+    photo_head: PhotoHead,
     model: FusedRanker,
     embeddings: ItemEmbeddings,
     row_of: dict[str, int],
@@ -35,30 +39,34 @@ def photo_query_metrics(
     *,
     queries: int = PHOTO_QUERIES,
     seed: int = SEED,
-) -> dict[str, object] | None:
-    """NDCG@10 / MAP / MRR of the model's image vectors and of the raw features, or None for a
-    model without an image tower."""
-    if model.image_tower is None:
-        return None
+) -> dict[str, object]:
+    """NDCG@10 / MAP / MRR of the photo head's vectors, of the ranker's image vectors (when it
+    has an image tower) and of the raw features."""
     rows = np.array([row_of[p.id] for p in products])
     raw = embeddings.image[rows].astype(np.float32)
-    with torch.inference_mode():
-        fused = model.image_tower(model.reduce_image(torch.from_numpy(raw))).numpy()
-    fused, raw = _unit(fused), _unit(raw)
+    head = photo_vectors(photo_head, raw)
+    fused = None
+    if model.image_tower is not None:
+        with torch.inference_mode():
+            fused = model.image_tower(model.reduce_image(torch.from_numpy(raw))).numpy()
+        fused = _unit(fused)
+    raw = _unit(raw)
     types = np.array([p.article_type for p in products])
     colours = np.array([p.colour for p in products])
     groups = np.array([p.group for p in products])
     picks = np.random.default_rng(seed).choice(len(products), min(queries, len(products)), False)
-    grades, by_model, by_raw = [], [], []
+    rankings = {"photo_head": head, "model_image_vectors": fused, "raw_efficientnet": raw}
+    vectors = {name: v for name, v in rankings.items() if v is not None}
+    grades: list[np.ndarray] = []
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in vectors}
     for q in picks.tolist():
         candidates = groups != groups[q]
         same_type = types[candidates] == types[q]
         grades.append(np.where(same_type, np.where(colours[candidates] == colours[q], 3, 2), 0))
-        by_model.append(fused[candidates] @ fused[q])
-        by_raw.append(raw[candidates] @ raw[q])
+        for name, v in vectors.items():
+            scores[name].append(v[candidates] @ v[q])
     return {
         "queries": len(picks),
         "candidates_per_query": int(np.mean([len(g) for g in grades])),
-        "model_image_vectors": evaluate_lists(grades, by_model),
-        "raw_efficientnet": evaluate_lists(grades, by_raw),
+        **{name: evaluate_lists(grades, lists) for name, lists in scores.items()},
     }

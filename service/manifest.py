@@ -15,10 +15,15 @@
         ranker_fp16.onnx       the same, computed in float16 (for GPUs)
         image_encoder.onnx     pixels (float32 [batch, 3, 112, 112]) -> image_embedding
         item_encoder.onnx      text_embedding, image_embedding -> item_features
+        photo_head.onnx        image_embedding -> photo_vector (float32 [batch, 128], unit
+                               length: photos of the same type and colour lie close)
         tokenizer.json         the MiniLM tokenizer
         index.faiss            FAISS inner-product index over item_features (as float32), or
         index.NNN-of-MMM.faiss its shards (a sharded export: IndexSpec.shards)
         index_ids.json         FAISS row -> product id
+        photo_index.faiss      exact inner-product index over the items' photo vectors, rows
+                               in index_ids.json's order (search by photo)
+        attributes/            the indexed items' attributes (export.attributes)
 
 The version is a hash of the exported content, so two exports of the same weights agree.
 """
@@ -84,6 +89,7 @@ class Manifest(BaseModel):
     max_tokens: int
     graphs: dict[str, GraphSpec]
     index: IndexSpec
+    photo_index: IndexSpec
     metrics: dict[str, Any]
 
     @property

@@ -4,6 +4,11 @@
              among the items the filters allow) -> features (in-process cache, the rest in one
              feature store round trip) -> batched scoring -> boosts -> top_k (diversity caps)
 
+A photo (``image``) is encoded to its photo vector and retrieves from the photo index instead;
+without a query its candidates are ranked by the cosine of photo vectors, which live in the
+process (no feature store round trip); with a query the model ranks them as above. ``like_id``
+retrieves and ranks by the item's own stored vector.
+
 Blocking work runs off the event loop on bounded pools (service.executors): the query encoder
 and FAISS on the compute pool, feature store round trips on the store pool, scoring on the
 batcher's inference thread; cache probes run on the loop. A request whose item vectors are all
@@ -34,6 +39,7 @@ from service.stages.batcher import Batcher
 from service.stages.feature_cache import CacheProbe
 from service.stages.feature_fetch import FeatureFetcher
 from service.stages.photo_encoder import PhotoEncoder
+from service.stages.photo_search import PhotoIndex
 from service.stages.query_encoder import EncodedQuery, QueryEncoder
 from service.stages.retrieval import Retriever
 from service.stages.scoring import QUERY_DIMS, Scorer, Scores
@@ -53,6 +59,7 @@ class _Stages:
     scorer: Scorer
     attributes: ItemAttributes
     photo: PhotoEncoder
+    photos: PhotoIndex
 
 
 class Pipeline:
@@ -65,6 +72,7 @@ class Pipeline:
         scorer: Scorer,
         attributes: ItemAttributes,
         photo: PhotoEncoder,
+        photos: PhotoIndex,
         batcher: Batcher,
         metrics: ServiceMetrics,
         pools: Pools,
@@ -77,6 +85,7 @@ class Pipeline:
         self.scorer = scorer
         self.attributes = attributes
         self.photo = photo
+        self.photos = photos
         self.batcher = batcher
         self._metrics = metrics
         self._pools = pools
@@ -122,6 +131,7 @@ class Pipeline:
             scorer,
             stages.attributes,
             stages.photo,
+            stages.photos,
             batcher,
             metrics,
             pools,
@@ -145,7 +155,13 @@ class Pipeline:
                 f"dims, the index has {self.retriever.dims}"
             )
         await self._pools.compute.run(self.retriever.search, encoded.retrieval_vector, 1)
-        await self._pools.compute.run(self.photo.encode, _warm_up_photo())
+        photo = await self._pools.compute.run(self.photo.encode, _warm_up_photo())
+        if photo.shape != (self.photos.dims,):
+            raise ArtifactError(
+                f"photo_head gives a photo_vector of {photo.shape[0]} dims, the photo index "
+                f"has {self.photos.dims}"
+            )
+        await self._pools.compute.run(self.photos.search, photo, 1)
         await self._warm_feature_cache()
         log.info(
             "model %s (%s, %s) warmed on %s in %.2f s (buckets %s)",
@@ -191,10 +207,11 @@ class Pipeline:
         compute, store = self._pools.compute, self._pools.store
         query, like_id = request.query, request.like_id
         like = None if like_id is None else await self._item_vector(like_id)
+        photo = None
         if request.image is not None:
-            photo = self._photo_bytes(request.image)
+            data = self._photo_bytes(request.image)
             with metrics.stage("encode"):
-                like = await compute.run(self.photo.encode, photo)
+                photo = await compute.run(self.photo.encode, data)
         encoded = None
         if query is not None:
             started = time.perf_counter()
@@ -209,42 +226,46 @@ class Pipeline:
         allowed = None if request.filters is None else self.attributes.mask(request.filters)
         if request.candidate_ids is not None:
             ids = request.candidate_ids
+        elif photo is not None:
+            ids = await compute.run(self._retrieve_photo, photo, request.retrieve_k, allowed)
         elif like is not None:
             similar = await compute.run(self._retrieve, like, request.retrieve_k + 1, allowed)
             ids = [item for item in similar if item != like_id][: request.retrieve_k]
         else:
-            assert query is not None  # the request model requires a query or a like_id
+            assert query is not None  # the request model requires a query, image or like_id
             encoded, ids = await compute.run(
                 self._encode_and_retrieve, query, encoded, request.retrieve_k, allowed
             )
-        fetch_started = time.perf_counter()
-        probe = self.fetcher.probe(ids)  # once per request, on the loop
-        needs_encoding = query is not None and encoded is None
-        if probe is not None and probe.complete:  # no I/O left: stay on the loop
-            batch = self._fetch(ids, probe, fetch_started)
-            if needs_encoding:
-                encoded = await compute.run(self._encode, query)
-        elif needs_encoding:
-            encoded, batch = await asyncio.gather(
-                compute.run(self._encode, query),
-                store.run(self._fetch, ids, probe, fetch_started),
-            )
-        else:
-            batch = await store.run(self._fetch, ids, probe, fetch_started)
 
-        if batch.missing:
-            metrics.missing_ids.inc(len(batch.missing))
-        if encoded is not None:
-            with metrics.stage("score"):
-                scores = await self.batcher.score(encoded.embedding, batch.matrix)
+        if query is None and photo is not None:
+            found_ids, missing, scores = self._photo_scores(photo, ids)
         else:
-            assert like is not None
-            image_only = request.image is not None
-            scores = _similarity(like, batch.matrix, self.fetcher.layout.text_dims, image_only)
+            fetch_started = time.perf_counter()
+            probe = self.fetcher.probe(ids)  # once per request, on the loop
+            needs_encoding = query is not None and encoded is None
+            if probe is not None and probe.complete:  # no I/O left: stay on the loop
+                batch = self._fetch(ids, probe, fetch_started)
+                if needs_encoding:
+                    encoded = await compute.run(self._encode, query)
+            elif needs_encoding:
+                encoded, batch = await asyncio.gather(
+                    compute.run(self._encode, query),
+                    store.run(self._fetch, ids, probe, fetch_started),
+                )
+            else:
+                batch = await store.run(self._fetch, ids, probe, fetch_started)
+            found_ids, missing = [ids[p] for p in batch.found.tolist()], batch.missing
+            if encoded is not None:
+                with metrics.stage("score"):
+                    scores = await self.batcher.score(encoded.embedding, batch.matrix)
+            else:
+                assert like is not None
+                scores = _similarity(like, batch.matrix, self.fetcher.layout.text_dims)
+        if missing:
+            metrics.missing_ids.inc(len(missing))
 
         score = scores.score
         boost = None
-        found_ids = [ids[p] for p in batch.found.tolist()]
         if request.boosts or request.diversity:
             rows = self.attributes.rows(found_ids)
         if request.boosts:
@@ -271,7 +292,7 @@ class Pipeline:
             [found_ids[p] for p in order.tolist()],
             score[order].tolist(),
             self.version,
-            batch.missing,
+            missing,
             contributions,
             filtered_out,
         )
@@ -327,6 +348,23 @@ class Pipeline:
             )
         return data
 
+    def _photo_scores(
+        self, photo: np.ndarray, ids: list[str]
+    ) -> tuple[list[str], list[str], Scores]:
+        """A photo without text: the cosine of each candidate's photo vector to the photo's
+        (all in process). Ids not in the index are missing."""
+        with self._metrics.stage("score"):
+            rows = self.attributes.rows(ids)
+            known = rows >= 0
+            found = [item for item, ok in zip(ids, known.tolist(), strict=True) if ok]
+            missing = [item for item, ok in zip(ids, known.tolist(), strict=True) if not ok]
+            similarity = self.photos.similarity(photo, rows[known])
+        return found, missing, Scores(similarity, np.zeros_like(similarity), similarity)
+
+    def _retrieve_photo(self, photo: np.ndarray, k: int, allowed: np.ndarray | None) -> list[str]:
+        with self._metrics.stage("retrieve"):
+            return self.photos.search(photo, k, allowed)
+
     def _retrieve(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[str]:
         with self._metrics.stage("retrieve"):
             return self.retriever.search(vector, k, allowed)
@@ -358,20 +396,12 @@ def _warm_up_photo() -> bytes:
     return out.getvalue()
 
 
-def _similarity(
-    vector: np.ndarray, features: np.ndarray, text_dims: int, image_only: bool = False
-) -> Scores:
+def _similarity(vector: np.ndarray, features: np.ndarray, text_dims: int) -> Scores:
     """Cosine similarity of each row of ``features`` to ``vector`` (both item vectors: text
-    part, then image part), split exactly into what the text and the image parts add; with
-    ``image_only`` (a photo query, which has no text part) the cosine of the image parts."""
+    part, then image part), split exactly into what the text and the image parts add."""
     rows = features.astype(np.float32)
-    if image_only:
-        rows, vector = rows[:, text_dims:], vector[text_dims:]
     norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(vector)
     norms[norms == 0] = 1.0
-    if image_only:
-        image = rows @ vector / norms
-        return Scores(image, np.zeros_like(image), image)
     text = rows[:, :text_dims] @ vector[:text_dims] / norms
     image = rows[:, text_dims:] @ vector[text_dims:] / norms
     return Scores(text + image, text, image)
@@ -414,7 +444,7 @@ def _load_stages(settings: Settings) -> _Stages:
         int8=settings.query_encoder_int8,
         **common,
     )
-    retriever = Retriever.load(version_dir, manifest, threads=settings.intra_op_threads)
+    retriever = Retriever.load(version_dir, manifest.index, threads=settings.intra_op_threads)
     scorer = Scorer.load(
         version_dir,
         manifest,
@@ -424,9 +454,12 @@ def _load_stages(settings: Settings) -> _Stages:
     )
     attributes = ItemAttributes.load(version_dir, retriever.ids)
     photo = PhotoEncoder.load(version_dir, manifest, **common)
+    photos = PhotoIndex.load(
+        version_dir, manifest, retriever.ids, threads=settings.intra_op_threads
+    )
     if retriever.dims != manifest.layout.dims:
         raise ArtifactError(
             f"{version_dir}: the index has {retriever.dims} dims, the feature layout "
             f"{manifest.layout.dims}"
         )
-    return _Stages(manifest, encoder, retriever, scorer, attributes, photo)
+    return _Stages(manifest, encoder, retriever, scorer, attributes, photo, photos)

@@ -145,9 +145,11 @@ class RankRequest(BaseModel):
         Field(
             min_length=1,
             description="Search by photo: a JPEG or PNG, base64-encoded (at most "
-            "max_image_bytes once decoded). Without candidate_ids the index retrieves the "
-            "items whose photos are nearest; without a query they are ranked by the cosine of "
-            "their image vectors to the photo's.",
+            "max_image_bytes once decoded). Without candidate_ids the photo index retrieves "
+            "the items whose photos are nearest (photo vectors: trained so that photos of the "
+            "same type and colour lie close); without a query they are ranked by the cosine "
+            "of their photo vectors to the photo's (reported as image_contribution), with a "
+            "query the model ranks them by the query.",
         ),
     ] = None
     like_id: Annotated[
@@ -166,7 +168,7 @@ class RankRequest(BaseModel):
         Field(
             min_length=1,
             max_length=API_MAX_QUERY_CHARS,
-            description="What the shopper typed; may be left out when like_id is given.",
+            description="What the shopper typed; may be left out when image or like_id is given.",
             validate_default=True,
         ),
     ] = None

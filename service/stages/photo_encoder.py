@@ -1,9 +1,9 @@
-"""Photo queries: a shopper's JPEG or PNG -> the image part of an item vector, through the
-export's own graphs (image_encoder, then item_encoder's image tower), so a photo lands in the
-space the index and the stored item vectors live in.
+"""Photo queries: a shopper's JPEG or PNG -> its photo vector, through the export's own graphs
+(image_encoder, then photo_head), so a photo lands in the space the photo index lives in
+(models.photo_head: photos of the same type and colour lie close).
 
 in:  the photo's bytes
-out: float32 [text_dims + image_dims], the text part zero (a photo says nothing of a title)
+out: float32 [photo_dims], unit length
 
 Decoding is defensive: only JPEG and PNG; the header's size is checked before any pixel is
 decoded (a 20000 x 20000 PNG is refused, not inflated); truncated data, a photo under
@@ -25,7 +25,6 @@ from service.manifest import Manifest
 from service.stages.onnx_session import open_session
 
 IMAGE_SIZE = 112  # the export's image_encoder input: photos padded to a white square
-TEXT_DIMS = 384  # item_encoder's text_embedding input (MiniLM)
 MIN_SIDE = 16
 MAX_PIXELS = 4096 * 4096
 FORMATS = {"JPEG", "PNG"}
@@ -33,11 +32,10 @@ LOC = ["body", "image"]
 
 
 class PhotoEncoder:
-    def __init__(self, image_session, item_session, text_dims: int) -> None:  # noqa: ANN001
+    def __init__(self, image_session, head_session) -> None:  # noqa: ANN001
         self._image = image_session
-        self._item = item_session
-        self._text_dims = text_dims
-        self._image_dims = int(image_session.get_outputs()[0].shape[1])
+        self._head = head_session
+        self.dims = int(head_session.get_outputs()[0].shape[1])
 
     @classmethod
     def load(
@@ -50,27 +48,19 @@ class PhotoEncoder:
             outputs=["image_embedding"],
             **common,
         )
-        item = open_session(
-            manifest.path(version_dir, "item_encoder"),
-            inputs=["text_embedding", "image_embedding"],
-            outputs=["item_features"],
+        head = open_session(
+            manifest.path(version_dir, "photo_head"),
+            inputs=["image_embedding"],
+            outputs=["photo_vector"],
             **common,
         )
-        return cls(image, item, manifest.layout.text_dims)
+        return cls(image, head)
 
     def encode(self, data: bytes) -> np.ndarray:
         pixels = photo_pixels(data)[None]
         (embedding,) = self._image.run(["image_embedding"], {"pixels": pixels})
-        (features,) = self._item.run(
-            ["item_features"],
-            {
-                "text_embedding": np.zeros((1, TEXT_DIMS), dtype=np.float32),
-                "image_embedding": embedding.astype(np.float32),
-            },
-        )
-        vector = features[0].astype(np.float32)
-        vector[: self._text_dims] = 0.0  # the tower's answer to "no title": not the photo's
-        return vector
+        (vector,) = self._head.run(["photo_vector"], {"image_embedding": embedding})
+        return vector[0].astype(np.float32)
 
 
 def photo_pixels(data: bytes) -> np.ndarray:

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from service.errors import ArtifactError
-from service.manifest import Manifest
+from service.manifest import IndexSpec
 
 
 class Retriever:
@@ -37,8 +37,8 @@ class Retriever:
         self._parts = parts or [index]  # the shards, in row order (one: the index itself)
 
     @classmethod
-    def load(cls, version_dir: Path, manifest: Manifest, *, threads: int) -> Retriever:
-        spec = manifest.index
+    def load(cls, version_dir: Path, spec: IndexSpec, *, threads: int) -> Retriever:
+        """The index ``spec`` describes (a manifest's ``index`` or ``photo_index``)."""
         ids_path = version_dir / spec.ids_file
         paths = [version_dir / name for name in spec.shards or [spec.file]]
         faiss.omp_set_num_threads(threads)
@@ -68,6 +68,11 @@ class Retriever:
     @property
     def dims(self) -> int:
         return self._index.d
+
+    @property
+    def index(self) -> faiss.Index:
+        """The FAISS index searched (IndexShards over the shards of a sharded export)."""
+        return self._index
 
     def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[str]:
         # OpenMP's thread count is per calling thread: a worker thread other than the one that

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,8 @@ from export.pipeline import ParityInputs, features_version, item_features, run
 from models.catalogue import load_catalogue
 from models.embeddings import item_embeddings
 from models.encoders import ImageEncoder, TextEncoder
-from models.evaluate import checkpoint_dir, load_checkpoint
+from models.evaluate import PHOTO_HEAD_FILE, checkpoint_dir, load_checkpoint
+from models.photo_head import load_photo_head, photo_vectors
 from service.features import EmbeddedFeatureStore
 from service.manifest import load_manifest, resolve_version_dir
 from tests.conftest import SAMPLE
@@ -22,6 +24,7 @@ GRAPHS = [
     "ranker_fp16",
     "image_encoder",
     "item_encoder",
+    "photo_head",
 ]
 
 
@@ -30,22 +33,28 @@ def exported(sample_artifacts):
     version_dir = resolve_version_dir(sample_artifacts / "models")
     manifest = load_manifest(version_dir)
     catalogue = load_catalogue(SAMPLE)
-    model, _ = load_checkpoint(
-        checkpoint_dir(sample_artifacts, catalogue.fingerprint) / "hybrid.pt"
-    )
+    checkpoints = checkpoint_dir(sample_artifacts, catalogue.fingerprint)
+    model, _ = load_checkpoint(checkpoints / "hybrid.pt")
     embeddings = item_embeddings(catalogue, sample_artifacts / "cache", verbose=False)
     return version_dir, manifest, model, catalogue, embeddings
 
 
+@pytest.fixture(scope="module")
+def photo_head(sample_artifacts):
+    fingerprint = load_catalogue(SAMPLE).fingerprint
+    return load_photo_head(checkpoint_dir(sample_artifacts, fingerprint) / PHOTO_HEAD_FILE)[0]
+
+
 @pytest.mark.parametrize("name", GRAPHS)
-def test_each_graph_matches_pytorch_on_real_inputs(exported, name):
+def test_each_graph_matches_pytorch_on_real_inputs(exported, photo_head, name):
     version_dir, manifest, model, catalogue, embeddings = exported
     text_encoder = TextEncoder()
     features = item_features(model, embeddings)
     queries = [p.title.lower() for p in catalogue.products[:20]]
     inputs = ParityInputs(catalogue, embeddings, features, queries, text_encoder)
     source = name.removesuffix(INT8_SUFFIX)  # an int8 graph is checked against its source
-    graph = {g.name: g for g in graph_defs(model, text_encoder, ImageEncoder())}[source]
+    graphs = graph_defs(model, text_encoder, ImageEncoder(), photo_head)
+    graph = {g.name: g for g in graphs}[source]
     _, check = inputs.for_graph(source)
     diff = parity(graph, version_dir / manifest.graphs[name].file, check)
     tolerance = INT8_TOLERANCE if name != source else graph.tolerance
@@ -111,7 +120,21 @@ def test_index_finds_items_by_their_own_vectors(exported):
     assert manifest.index.recall_at_100 == pytest.approx(1.0)  # Flat below 200k items
 
 
-def test_rerun_is_idempotent_and_version_is_content_derived(sample_artifacts, exported):
+def test_photo_index_holds_the_photo_heads_vectors_in_the_item_index_rows(exported, photo_head):
+    import faiss
+
+    version_dir, manifest, _, _, embeddings = exported
+    spec = manifest.photo_index
+    assert spec.ids_file == manifest.index.ids_file and spec.items == manifest.index.items
+    index = faiss.read_index(str(version_dir / spec.file))
+    ids = json.loads((version_dir / spec.ids_file).read_text())
+    rows = embeddings.rows(ids)
+    expected = photo_vectors(photo_head, embeddings.image[rows])
+    np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), expected, atol=1e-6)
+    assert index.d == spec.dims == photo_head.config.photo_dims
+
+
+def test_rerun_is_idempotent_and_version_is_content_derived(sample_artifacts, exported, photo_head):
     version_dir, manifest, model, catalogue, _ = exported
     report = run(SAMPLE, sample_artifacts, strategy="hybrid", log=lambda m: None)
     assert report.reused and report.published_items == 0
@@ -119,7 +142,11 @@ def test_rerun_is_idempotent_and_version_is_content_derived(sample_artifacts, ex
     # Same weights -> same version; changed weights -> another version.
     from export.pipeline import model_version
 
-    assert model_version(model, catalogue) == manifest.version
+    assert model_version(model, photo_head, catalogue) == manifest.version
+    changed_head = copy.deepcopy(photo_head)
+    with torch.no_grad():
+        next(changed_head.parameters()).add_(1e-3)
+    assert model_version(model, changed_head, catalogue) != manifest.version
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
-    assert model_version(model, catalogue) != manifest.version
+    assert model_version(model, photo_head, catalogue) != manifest.version

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from models.evaluate import METHOD_ORDER, VARIANTS
+from models.evaluate import METHOD_ORDER, PHOTO_HEAD_FILE, VARIANTS
 from models.ranker import STRATEGIES
 from tests.conftest import EVAL_STDOUT
 
@@ -76,8 +76,9 @@ def test_eval_then_export_uses_the_evaluated_default(
                 assert math.isfinite(value) and 0.0 <= value <= 1.0, (split, method, metric)
     photo = report["photo_queries"]  # search by photo, and its raw-feature baseline
     assert photo["queries"] == min(500, data["test_products"]) and photo["candidates_per_query"]
-    for ranking in ("model_image_vectors", "raw_efficientnet"):
+    for ranking in ("photo_head", "model_image_vectors", "raw_efficientnet"):
         assert all(0.0 <= photo[ranking][m] <= 1.0 for m in METRICS), ranking
+    assert report["training"]["photo_head"]["seconds"] > 0
     heldout = report["splits"]["heldout"]
     assert heldout[default]["ndcg@10"] == max(heldout[s]["ndcg@10"] for s in STRATEGIES)
 
@@ -85,12 +86,14 @@ def test_eval_then_export_uses_the_evaluated_default(
     assert f"Default strategy: **{default}**" in markdown
     assert f"| {default} (default) |" in markdown
     assert "## Search by photo" in markdown and "raw EfficientNet-Lite0 features" in markdown
+    assert "| photo head vectors (served) |" in markdown
     assert (evaluated / "eval" / "item_representations.png").stat().st_size > 0
 
     checkpoints = evaluated / "checkpoints" / data["catalogue_fingerprint"]
     assert json.loads((checkpoints / "default.json").read_text()) == {"strategy": default}
     for method in (*STRATEGIES, *VARIANTS):
         assert (checkpoints / f"{method}.pt").is_file(), method
+    assert (checkpoints / PHOTO_HEAD_FILE).is_file()
 
     stdout = (evaluated / EVAL_STDOUT).read_text()
     assert markdown.strip() in stdout  # the CLI prints the report
@@ -118,4 +121,6 @@ def test_eval_then_export_uses_the_evaluated_default(
     assert checkpoint.stat().st_mtime_ns == evaluated_mtime
     assert f"using checkpoint {checkpoint} ({default}: the evaluation's choice)" in done.stdout
     assert "no checkpoint" not in done.stdout and f"training {default}" not in done.stdout
+    assert "no photo head" not in done.stdout  # the evaluation's photo head, not retrained
+    assert manifest["photo_index"]["items"] == manifest["index"]["items"]
     assert done.stdout.strip().splitlines()[-1].startswith(f"current model: {version} ")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import faiss
 import numpy as np
@@ -70,10 +69,9 @@ def test_flat_shards_equal_the_single_index_on_the_sample(
     assert_same_results(single.index, sharded.index, queries, k=100)
 
     # The service loads the shard files named by the manifest and answers as with one file.
-    one = Retriever.load(tmp_path / "one", SimpleNamespace(index=single.spec), threads=1)
+    one = Retriever.load(tmp_path / "one", single.spec, threads=1)
     for threads in (1, 2):
-        spec = SimpleNamespace(index=sharded.spec)
-        many = Retriever.load(tmp_path / "many", spec, threads=threads)
+        many = Retriever.load(tmp_path / "many", sharded.spec, threads=threads)
         for query in queries[:16]:
             assert many.search(query, 200) == one.search(query, 200)
 

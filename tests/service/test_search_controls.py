@@ -15,13 +15,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 from fastapi import FastAPI
 from PIL import Image
 
 from models.catalogue import Product, images_path, load_catalogue
+from models.encoders import image_to_pixels
 from service.app import create_app
 from service.settings import Settings
 from tests.service.test_rank_api import Reference
@@ -259,6 +262,51 @@ async def test_a_products_own_photo_finds_that_product_first(
         client, image=photo_of(items[0]), query="for women", filters={"gender": "Women"}
     )
     assert with_text["items"]
+
+
+async def test_a_photo_is_ranked_by_the_exported_photo_head_over_the_photo_index(
+    client: httpx.AsyncClient, reference: Reference, sample_version_dir: Path
+) -> None:
+    """An independent reference: the exporter's own preprocessing (models.encoders, PIL), the
+    exported image_encoder and photo_head run by hand, and an exact scan of photo_index.faiss.
+    The service's photo-only ranking is that scan's order, with its scores."""
+    manifest = reference.manifest
+    image = ort.InferenceSession(
+        manifest.path(sample_version_dir, "image_encoder"), providers=["CPUExecutionProvider"]
+    )
+    head = ort.InferenceSession(
+        manifest.path(sample_version_dir, "photo_head"), providers=["CPUExecutionProvider"]
+    )
+    index = faiss.read_index(str(sample_version_dir / manifest.photo_index.file))
+    vectors = index.reconstruct_n(0, index.ntotal)
+    assert index.ntotal == len(reference.ids)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    catalogue = load_catalogue(SAMPLE)
+    for item in reference.ids[7::700][:4]:
+        pixels = image_to_pixels(catalogue.load_image(item))[None]
+        (embedding,) = image.run(None, {"pixels": pixels})
+        (photo,) = head.run(None, {"image_embedding": embedding})
+        cosine = vectors @ photo[0]
+        order = np.argsort(-cosine, kind="stable")[:10]
+        answer = await rank(client, image=photo_of(item), retrieve_k=100, top_k=10)
+        got = [e["id"] for e in answer["items"]]
+        expected = [reference.ids[r] for r in order]
+        # Ties (duplicate photos) may come in either order: compare scores, and ids as sets.
+        assert [e["score"] for e in answer["items"]] == pytest.approx(
+            cosine[order].tolist(), abs=1e-4
+        )
+        assert set(got[:5]) <= set(expected), (got, expected)
+
+    # Given candidates (unknown ids missing) are ranked the same way, without the store.
+    item = reference.ids[0]
+    given = [*reference.ids[100:140], "no-such-id"]
+    answer = await rank(client, image=photo_of(item), candidate_ids=given, top_k=40)
+    assert answer["missing_ids"] == ["no-such-id"]
+    pixels = image_to_pixels(catalogue.load_image(item))[None]
+    (photo,) = head.run(None, {"image_embedding": image.run(None, {"pixels": pixels})[0]})
+    cosine = vectors[100:140] @ photo[0]
+    scores = {e["id"]: e["score"] for e in answer["items"]}
+    assert scores == pytest.approx(dict(zip(given[:-1], cosine.tolist(), strict=True)), abs=1e-4)
 
 
 @pytest.mark.parametrize(
