@@ -68,18 +68,23 @@ def stopped_at_exit(process: subprocess.Popen[bytes]) -> Iterator[subprocess.Pop
                 process.wait()
 
 
+def render_site(listen: int, replicas: list[int]) -> str:
+    """deploy/nginx.conf with its upstream servers and listen port swapped for loopback ones
+    (each server keeps the deployed line's parameters: max_fails, fail_timeout)."""
+    site = NGINX_CONF.read_text()
+    deployed = re.search(r"^\s*server \S+ (.*);\s*# replicas$", site, flags=re.M)
+    assert deployed, "deploy/nginx.conf: no `server ...;  # replicas` line"
+    servers = "\n".join(f"    server 127.0.0.1:{port} {deployed.group(1)};" for port in replicas)
+    site = site[: deployed.start()] + servers + site[deployed.end() :]
+    site, swapped = re.subn(r"listen \d+;", f"listen 127.0.0.1:{listen};", site)
+    assert swapped == 1, "deploy/nginx.conf: no `listen N;` line"
+    return site
+
+
 def render_nginx(prefix: Path, listen: int, replicas: list[int]) -> Path:
     """A foreground nginx.conf in ``prefix`` that includes deploy/nginx.conf with local
     upstream servers and listen port; pid, logs and temp paths all inside ``prefix``."""
-    site = NGINX_CONF.read_text()
-    servers = "\n".join(
-        f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;" for port in replicas
-    )
-    site, swapped = re.subn(r"^\s*server \S+ .*# replicas$", servers, site, flags=re.M)
-    assert swapped == 1, "deploy/nginx.conf: no `server ...;  # replicas` line"
-    site, swapped = re.subn(r"listen \d+;", f"listen 127.0.0.1:{listen};", site)
-    assert swapped == 1, "deploy/nginx.conf: no `listen N;` line"
-    (prefix / "site.conf").write_text(site)
+    (prefix / "site.conf").write_text(render_site(listen, replicas))
     temp = "\n".join(
         f"    {name}_temp_path {prefix / name};"
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")

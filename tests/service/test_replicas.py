@@ -111,3 +111,21 @@ def drive_and_kill(url: str, victim: subprocess.Popen[bytes]) -> dict:
         "p50_ms": round(sorted(latencies)[len(latencies) // 2] * 1e3, 1),
         "max_ms": round(max(latencies) * 1e3, 1),
     }
+
+
+def test_no_replica_left_is_a_json_503_with_retry_after(
+    sample_artifacts: Path, tmp_path: Path
+) -> None:
+    """With every replica gone nginx has nobody to ask: its own 502 reaches the client as the
+    service's answer for a transient condition (deploy/nginx.conf's @no_replica)."""
+    with replicas_behind_nginx(tmp_path, sample_artifacts) as fleet:
+        for replica in fleet.replicas:
+            replica.send_signal(signal.SIGKILL)
+            replica.wait(timeout=10)
+        response = httpx.post(f"{fleet.url}/rank", json={"query": "black watch"}, timeout=10)
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.headers["retry-after"] == "1"
+        assert "no replica" in response.json()["detail"]
+        # The balancer's own liveness is not a replica's.
+        assert httpx.get(f"{fleet.url}/lb-healthz", timeout=5).status_code == 200
