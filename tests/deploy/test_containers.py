@@ -1,4 +1,5 @@
-"""The Dockerfile and docker-compose.yml, without a container engine (none runs here):
+"""The Dockerfile and docker-compose.yml, without a container engine (make compose-test runs
+them in one: tests/deploy/test_compose_stack.py):
 
 - a compose implementation's ``config`` validates the compose file (Debian's docker-compose,
   or a compose v2 binary; skipped, saying so, when none is installed);
@@ -96,10 +97,20 @@ def test_compose_wiring() -> None:
     redis, artifacts, service, gpu = (
         services[name] for name in ("redis", "artifacts", "service", "service-gpu")
     )
-    # redis: healthy when it answers PING; no RDB snapshots, no AOF, no volume.
+    # redis: healthy when it answers PING; an append-only file on a volume (no RDB snapshots),
+    # so a restart finds the published features again.
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
-    assert redis["command"] == ["redis-server", "--save", "", "--appendonly", "no"]
-    assert "volumes" not in redis
+    assert redis["command"] == [
+        "redis-server", "--dir", "/data", "--appendonly", "yes", "--save", ""
+    ]  # fmt: skip
+    assert redis["volumes"] == ["redis-data:/data"]
+    # Images: upstream ones unless a variable names another (make compose-test's local ones).
+    assert redis["image"] == "${REDIS_IMAGE:-redis:7-alpine}"
+    assert services["lb"]["image"] == "${NGINX_IMAGE:-nginx:1.27-alpine}"
+    for name in ("artifacts", "service"):
+        assert services[name]["build"]["args"] == {
+            "PYTHON_IMAGE": "${PYTHON_IMAGE:-python:3.11-slim-bookworm}"
+        }
     # artifacts: one shot (never restarted), the catalogue read-only, publishes into Redis.
     assert artifacts["restart"] == "no" and artifacts["build"]["target"] == "trainer"
     assert artifacts["command"][:3] == ["python", "-m", "export"]
