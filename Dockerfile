@@ -6,8 +6,9 @@
 #
 # docker-compose.yml builds and wires all three. The services run as an unprivileged user
 # (uid 10001), read artifacts from /artifacts and take every other setting from FUSIONRANK_*
-# variables (service/settings.py). The tests run the CPU target's CMD with its ENV outside
-# Docker (tests/deploy/test_containers.py).
+# variables (service/settings.py). tests/deploy/test_containers.py runs the CPU target's CMD
+# with its ENV outside Docker; make compose-test builds the images and runs the whole stack in
+# containers (tests/deploy/test_compose_stack.py; README, "Containers").
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # onnxruntime-gpu's CUDA 12 build needs the CUDA runtime and cuDNN 9 libraries.
@@ -34,8 +35,11 @@ RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
 # -- trainer: the offline stack, for the one-shot job that trains, exports and publishes ---------
 FROM ${PYTHON_IMAGE} AS trainer
 # PyPI's torch wheel for Linux bundles CUDA (gigabytes). For a CPU-only torch, build with
-# --build-arg PIP_EXTRA_INDEX_URL=<PyTorch's CPU wheel index>.
+# --build-arg PIP_EXTRA_INDEX_URL=<PyTorch's CPU wheel index>, or hand a folder of wheels
+# (say, a torch +cpu wheel) to the build as --build-arg PIP_FIND_LINKS=<URL of its listing>
+# (make compose-test serves this machine's own over loopback and builds with --network host).
 ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -1,6 +1,7 @@
 # fusionrank — every command takes the catalogue directory as DATA (default: the bundled sample).
 #   make demo                      build artifacts from the bundled sample and serve them
 #   make test                      create .venv, install, run the whole test suite
+#   make compose-test              build the images and run the whole stack in Docker
 #   make eval DATA=../shared/data/fashion
 #   make artifacts DATA=... [REDIS_URL=redis://127.0.0.1:6379/0]
 #   make serve [HOST=127.0.0.1 PORT=8000 REDIS_URL=...]
@@ -22,10 +23,10 @@ ifneq ($(strip $(REDIS_URL)),)
 export FUSIONRANK_REDIS_URL := $(REDIS_URL)
 endif
 
-.PHONY: help install demo test eval artifacts serve lint clean
+.PHONY: help install demo test compose-test eval artifacts serve lint clean
 
 help:
-	@sed -n '1,7p' Makefile
+	@sed -n '1,8p' Makefile
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +63,16 @@ artifacts: install
 test: install
 	@bash .ci/ensure-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole stack in Docker: base images from Debian's packages, the cpu and trainer images,
+# docker compose up on the sample, requests through nginx, a replica killed, Redis restarted,
+# down -v (tests/deploy/test_compose_stack.py). Needs root or a running dockerd; skips, saying
+# why, where no engine can run.
+compose-test: install
+	@bash .ci/ensure-tools
+	@bash .ci/ensure-docker
+	FUSIONRANK_COMPOSE_TEST=1 $(BIN)/python -m pytest -s -m compose $(PYTEST_ARGS) \
+		tests/deploy/test_compose_stack.py
 
 lint: install
 	$(BIN)/ruff check models export service loadtest tests

@@ -190,6 +190,7 @@ class Outcome:
     detail: str = ""  # the JSON reason of an error, or the transport error
     retry_after: str | None = None
     model_version: str | None = None
+    upstream: str = ""  # nginx's X-Upstream: the replica(s) tried, "a, b" when it retried
 
     @property
     def seconds(self) -> float:
@@ -318,6 +319,7 @@ async def post(client: httpx.AsyncClient, body: dict) -> Outcome:
         "" if response.status_code == 200 else str(payload.get("detail")),
         response.headers.get("retry-after"),
         payload.get("model_version") if response.status_code == 200 else None,
+        response.headers.get("x-upstream", ""),
     )
 
 
