@@ -101,7 +101,8 @@ def test_compose_wiring() -> None:
     # so a restart finds the published features again.
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert redis["command"] == [
-        "redis-server", "--dir", "/data", "--appendonly", "yes", "--save", ""
+        "redis-server", "--dir", "/data", "--appendonly", "yes", "--save", "",
+        "--protected-mode", "no",
     ]  # fmt: skip
     assert redis["volumes"] == ["redis-data:/data"]
     # Images: upstream ones unless a variable names another (make compose-test's local ones).
