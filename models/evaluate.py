@@ -12,8 +12,9 @@ logged queries for this catalogue.
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,20 @@ def plot_representations(path: Path, features: np.ndarray, labels: list[str], ti
     plt.close(fig)
 
 
+class StageClock:
+    """Wall seconds per named stage of a run, in order: ``lap(name)`` closes the stage that
+    began at the previous lap (or at construction)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._since = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._since, 1)
+        self._since = now
+
+
 @dataclass
 class Workbench:
     """Everything training and evaluation share: the catalogue, its embeddings, the split and
@@ -131,6 +146,7 @@ class Workbench:
     test_products: list[Product]
     train_data: ListBatchData
     splits: dict[str, tuple[list[Query], ListBatchData]]
+    clock: StageClock = field(default_factory=StageClock)
 
     @property
     def query_counts(self) -> dict[str, int]:
@@ -143,10 +159,13 @@ class Workbench:
 def prepare(
     data: Path, out: Path, plan: EvalPlan | None = None, *, verbose: bool = True
 ) -> Workbench:
+    clock = StageClock()
     catalogue = load_catalogue(data)
     cache = out / "cache"
     embeddings = item_embeddings(catalogue, cache, verbose=verbose)
+    clock.lap("item embeddings (titles, photos)")
     stripped = stripped_title_embeddings(catalogue, embeddings, cache, verbose=verbose)
+    clock.lap("colour-free title embeddings")
     row_of = {pid: i for i, pid in enumerate(embeddings.ids)}
     plan = plan or EvalPlan.for_catalogue(len(catalogue))
 
@@ -162,6 +181,7 @@ def prepare(
     )
     texts = [q.text for q in (*train_q, *heldout_q, *slice_q)]
     query_emb = encode_texts(texts, progress="query embeddings" if verbose else "")
+    clock.lap("query sets and their embeddings")
     n_train, n_held = len(train_q), len(heldout_q)
     splits = {
         "heldout": (heldout_q, query_emb[n_train : n_train + n_held]),
@@ -179,6 +199,7 @@ def prepare(
         splits={
             name: (qs, ListBatchData.build(qs, emb, row_of)) for name, (qs, emb) in splits.items()
         },
+        clock=clock,
     )
 
 
@@ -237,6 +258,7 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
     models: dict[str, FusedRanker] = {}
     for name in (*STRATEGIES, *VARIANTS):
         model, metrics, training[name] = train_method(bench, name, verbose=verbose)
+        bench.clock.lap(f"train and score {name}")
         models[name] = model
         for split, values in metrics.items():
             results[split][name] = values
@@ -249,6 +271,7 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
             grades, cosine_scores(data_.query_embeddings, qs, embeddings.text, row_of)
         )
 
+    bench.clock.lap("baselines (bm25, minilm_zero_shot)")
     default = max(STRATEGIES, key=lambda s: results["heldout"][s]["ndcg@10"])
     eval_dir = out / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -273,10 +296,13 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
         f"PCA of {default} item vectors (test products)",
     )
 
+    bench.clock.lap("checkpoints and item-vector plot")
     photo_head, training["photo_head"] = train_photo_model(
         catalogue.products, embeddings, verbose=verbose
     )
+    bench.clock.lap("train photo head")
     photo_queries = photo_query_metrics(photo_head, best, embeddings, row_of, test_products)
+    bench.clock.lap("search-by-photo evaluation")
     save_photo_head(
         checkpoint_dir(out, catalogue.fingerprint) / PHOTO_HEAD_FILE,
         photo_head,
@@ -302,6 +328,8 @@ def run(data: Path, out: Path, *, plan: EvalPlan | None = None, verbose: bool = 
         "photo_queries": photo_queries,
         "training": training,
         "plan": asdict(bench.plan),
+        "stage_seconds": bench.clock.seconds,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     (eval_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -377,4 +405,21 @@ def render_markdown(report: dict) -> str:
             m = photo[key]
             lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['map']:.4f} | {m['mrr']:.4f} |")
         lines.append("")
+    stages = report.get("stage_seconds")
+    if stages:
+        load = report.get("load_average")
+        lines += [
+            "## Wall time per stage",
+            "",
+            f"Load average (1/5/15 min) at the end: {'/'.join(map(str, load))}; on a shared "
+            "two-core machine it decides these times."
+            if load
+            else "",
+            "",
+            "| stage | seconds |",
+            "|---|---:|",
+            *(f"| {name} | {seconds:.1f} |" for name, seconds in stages.items()),
+            f"| **total** | {report['wall_seconds']:.1f} |",
+            "",
+        ]
     return "\n".join(lines)

@@ -79,6 +79,14 @@ def test_eval_then_export_uses_the_evaluated_default(
     for ranking in ("photo_head", "model_image_vectors", "raw_efficientnet"):
         assert all(0.0 <= photo[ranking][m] <= 1.0 for m in METRICS), ranking
     assert report["training"]["photo_head"]["seconds"] > 0
+    # Wall time per stage: every stage named, in order, adding up to (almost) the whole run.
+    stages = report["stage_seconds"]
+    assert list(stages)[0] == "item embeddings (titles, photos)"
+    assert list(stages)[-1] == "search-by-photo evaluation"
+    assert {f"train and score {m}" for m in STRATEGIES} <= stages.keys()
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert 0.9 * report["wall_seconds"] <= sum(stages.values()) <= report["wall_seconds"] + 1
+    assert len(report["load_average"]) == 3
     heldout = report["splits"]["heldout"]
     assert heldout[default]["ndcg@10"] == max(heldout[s]["ndcg@10"] for s in STRATEGIES)
 
@@ -87,6 +95,7 @@ def test_eval_then_export_uses_the_evaluated_default(
     assert f"| {default} (default) |" in markdown
     assert "## Search by photo" in markdown and "raw EfficientNet-Lite0 features" in markdown
     assert "| photo head vectors (served) |" in markdown
+    assert "## Wall time per stage" in markdown and "| train photo head |" in markdown
     assert (evaluated / "eval" / "item_representations.png").stat().st_size > 0
 
     checkpoints = evaluated / "checkpoints" / data["catalogue_fingerprint"]
